@@ -1,0 +1,319 @@
+"""``newsbot demo``: a complete local setup in one command. A throwaway folder gets a config with
+fresh random secrets, a SQLite database with the sample issues and a funded reader; the real
+server (gunicorn, via ``newsbot serve``) runs as a child process and the chat simulator talks
+to it over HTTP, exactly as WeChat would. A fake WeChat API (``bot.fake_wechat``) runs in this
+process with 50 followers, so a broadcast can be watched end to end."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.resources import as_file, files
+from pathlib import Path
+from types import FrameType
+
+import httpx
+from rich.console import Console
+from rich.panel import Panel
+from rich.text import Text
+
+import bot
+from bot.chat import run_chat
+from bot.fake_wechat import FakeWeChat
+from bot.settings import ENV_PREFIX, Settings, SettingsError, load_settings
+from storage import schema, subscribers
+from storage.content import IssueFileError, parse_issue_file
+from storage.db import make_engine, transaction
+from storage.issues import publish_issue, upsert_issue
+from storage.ledger import credit
+
+log = logging.getLogger("newsbot.demo")
+
+READER = "o_demo_reader"
+OPERATOR = "o_demo_operator"
+MARKER = ".newsbot-demo"
+STARTUP_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 15.0
+PUBLISHED_SAMPLE = "issue-001.md"
+DRAFT_SAMPLE = "issue-002.md"
+DEMO_APP_ID = "wx_newsbot_demo"
+FOLLOWERS = [READER, OPERATOR] + [f"o_demo_follower_{i:02d}" for i in range(48)]
+
+
+class DemoError(Exception):
+    pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def prepare_dir(workdir: Path) -> Path:
+    """Wipe and recreate the folder, but only one that a previous demo made (or an empty one):
+    ``--dir ~`` must never delete a home directory."""
+    workdir = workdir.resolve()
+    if workdir.exists():
+        if not workdir.is_dir():
+            raise DemoError(f"{workdir} is a file, not a folder; choose another --dir")
+        if any(workdir.iterdir()) and not (workdir / MARKER).exists():
+            raise DemoError(f"{workdir} is not empty and was not made by `newsbot demo`; "
+                            "choose another --dir or remove it yourself")
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    (workdir / MARKER).write_text("made by `newsbot demo`; wiped on the next run\n",
+                                  encoding="utf-8")
+    return workdir
+
+
+def _toml(value: str | int | list[str]) -> str:
+    # JSON strings (ASCII with \uXXXX escapes) are valid TOML basic strings.
+    return json.dumps(value)
+
+
+def write_config(workdir: Path, *, port: int, api_base: str, app_secret: str,
+                 token: str) -> Path:
+    db = (workdir / "newsbot.db").as_posix()
+    lines = [
+        "# Written by `newsbot demo`: throwaway secrets for a local demo, never for production.",
+        "# Reuse it with other commands: newsbot --config THIS_FILE user list",
+        "",
+        "[server]",
+        f"host = {_toml('127.0.0.1')}",
+        f"port = {port}",
+        f"public_url = {_toml(f'http://127.0.0.1:{port}')}",
+        "workers = 1",
+        "threads = 4",
+        "",
+        "[wechat]",
+        f"token = {_toml(token)}",
+        "# The fake WeChat API inside the running demo process (gone when the demo stops).",
+        f"app_id = {_toml(DEMO_APP_ID)}",
+        f"app_secret = {_toml(app_secret)}",
+        f"api_base = {_toml(api_base)}",
+        "",
+        "[database]",
+        f"url = {_toml('sqlite:///' + db)}",
+        "",
+        "[reader]",
+        f"secret = {_toml(secrets.token_urlsafe(32))}",
+        "",
+        "[operators]",
+        f"openids = {_toml([OPERATOR])}",
+        "",
+        "[broadcast]",
+        'mode = "openids"',
+        "# No weekly job in the demo: broadcast by hand with `newsbot broadcast N`.",
+        "scheduler = false",
+        f"preview_openids = {_toml([OPERATOR])}",
+        "",
+    ]
+    path = workdir / "config.toml"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    path.chmod(0o600)
+    return path
+
+
+@contextmanager
+def _sample(name: str) -> Iterator[Path | None]:
+    resource = files("bot").joinpath("sample", name)
+    if not resource.is_file():
+        yield None
+        return
+    with as_file(resource) as path:
+        yield path
+
+
+def seed(settings: Settings, console: Console) -> int:
+    """Sample issues, the demo reader and their credit; returns the reader's balance."""
+    free = settings.content.free_percent
+    engine = make_engine(settings.database.url)
+    try:
+        schema.upgrade(engine)  # the migrations, as `newsbot db upgrade` would run them
+        with _sample(PUBLISHED_SAMPLE) as path:
+            if path is None:
+                raise DemoError(f"the sample issue bot/sample/{PUBLISHED_SAMPLE} is missing")
+            try:
+                issue = parse_issue_file(path, default_free_percent=free)
+            except IssueFileError as exc:
+                raise DemoError(f"sample issue: {exc}") from exc
+        with transaction(engine) as session:
+            upsert_issue(session, parsed=issue, default_free_percent=free)
+            publish_issue(session, number=issue.number)
+        with _sample(DRAFT_SAMPLE) as path:
+            if path is not None:
+                try:
+                    draft = parse_issue_file(path, default_free_percent=free)
+                except IssueFileError as exc:
+                    console.print(f"skipping the draft sample: {exc}", style="yellow",
+                                  markup=False)
+                else:
+                    with transaction(engine) as session:
+                        upsert_issue(session, parsed=draft, default_free_percent=free)
+        with transaction(engine) as session:
+            # As `newsbot users sync` would pull them from WeChat.
+            subscribers.add_followers(session, openids=FOLLOWERS)
+            # Enough for one unlock of the sample and a little over.
+            result = credit(session, openid=READER, amount=issue.price + 21, kind="topup",
+                            key="demo:credit", reason="demo credit", operator="newsbot demo")
+        return result.balance
+    finally:
+        engine.dispose()
+
+
+def _child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    # The child must import this very copy of the code, installed or not.
+    package_root = str(Path(bot.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no server log)"
+
+
+def start_server(config: Path, workdir: Path) -> subprocess.Popen[bytes]:
+    with (workdir / "server.log").open("ab") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "bot.cli", "serve", "--config", str(config)],
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            env=_child_env(),
+        )
+
+
+def wait_until_healthy(proc: subprocess.Popen[bytes], base_url: str, log_path: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise DemoError(f"the server exited with code {proc.returncode}:\n"
+                            f"{_log_tail(log_path)}")
+        try:
+            if httpx.get(f"{base_url}/healthz", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise DemoError(f"the server did not answer /healthz within {STARTUP_TIMEOUT_S:.0f} s:\n"
+                    f"{_log_tail(log_path)}")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> int:
+    """SIGTERM (gunicorn finishes in-flight requests), then SIGKILL if it hangs."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=STOP_TIMEOUT_S)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        proc.kill()
+        return proc.wait()
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _panel(settings: Settings, config: Path, workdir: Path, webhook: str, balance: int) -> Panel:
+    unit = settings.tokens.name
+    text = Text()
+    text.append("newsbot demo is running\n\n", style="bold")
+    text.append(f"Webhook  {webhook}\nFolder   {workdir}  (config.toml, newsbot.db, "
+                "server.log)\n\n")
+    text.append(f"You are {READER} with {balance} {unit}, enough for one unlock. Try:\n",
+                style="bold")
+    text.append("  本周   试读   兑换   余额   往期   帮助\n")
+    text.append("  /subscribe   /click LATEST   /retry   /help   /quit\n")
+    text.append(f"  /user {OPERATOR}  then  #topup {READER} 50 gift   (operator)\n\n")
+    text.append("Reader links open in a normal browser.\n\n")
+    text.append("Watch a broadcast (another terminal, while the demo runs):\n", style="bold")
+    text.append(f"  newsbot --config {config} issue publish 2\n")
+    text.append(f"  newsbot --config {config} broadcast 2\n")
+    text.append(f"  newsbot --config {config} broadcast status\n")
+    text.append("The pushed message shows up here in the chat.\n\n")
+    text.append(f"Other commands:  newsbot --config {config} user list\n")
+    text.append(f"Chat from another terminal:  newsbot --config {config} chat\n")
+    return Panel(text, title="newsbot demo", expand=False)
+
+
+def _watch_pushes(fake: FakeWeChat, console: Console) -> None:
+    """Show messages the fake WeChat delivers to the demo reader, as the phone would."""
+
+    def watch() -> None:
+        seen = 0
+        while fake.running:
+            sends = fake.mass_sends
+            for send in sends[seen:]:
+                if fake.deliveries.get(READER):
+                    console.print(f"\n📣 pushed to {send.sent_count} followers "
+                                  f"(batch msg_id {send.msg_id}):\n{send.content}\n",
+                                  style="cyan", markup=False)
+            seen = len(sends)
+            time.sleep(0.3)
+
+    threading.Thread(target=watch, name="demo-push-watch", daemon=True).start()
+
+
+def run_demo(*, port: int | None, workdir: Path, chat: bool, console: Console) -> int:
+    """Set up, serve, chat; returns the exit code. The folder is left for inspection."""
+    # Both signals end the demo the same way, through the finally below that stops the server
+    # (SIGINT is set explicitly: a shell's `&` starts background jobs with it ignored).
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    proc: subprocess.Popen[bytes] | None = None
+    fake: FakeWeChat | None = None
+    try:
+        workdir = prepare_dir(workdir)
+        port = port or free_port()
+        token, app_secret = secrets.token_hex(16), secrets.token_hex(16)
+        fake = FakeWeChat(app_id=DEMO_APP_ID, app_secret=app_secret, followers=FOLLOWERS,
+                          webhook_url=f"http://127.0.0.1:{port}/wechat",
+                          webhook_token=token).start()
+        config = write_config(workdir, port=port, api_base=fake.base_url,
+                              app_secret=app_secret, token=token)
+        settings = load_settings(config, environ={})
+        balance = seed(settings, console)
+        base_url = f"http://127.0.0.1:{port}"
+        webhook = base_url + settings.server.webhook_path
+        console.print(f"starting the server on {base_url} …", style="dim", markup=False)
+        # Assigned before the health wait, so a signal during startup still stops it.
+        proc = start_server(config, workdir)
+        wait_until_healthy(proc, base_url, workdir / "server.log")
+        console.print(_panel(settings, config, workdir, webhook, balance))
+        _watch_pushes(fake, console)
+        if chat:
+            return run_chat(url=webhook, token=settings.wechat.token, openid=READER,
+                            console=console)
+        console.print("serving; Ctrl-C to stop", style="dim")
+        code = proc.wait()
+        console.print(f"the server exited with code {code}:\n"
+                      f"{_log_tail(workdir / 'server.log')}", style="red", markup=False)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    except (DemoError, SettingsError) as exc:
+        console.print(str(exc), style="red", markup=False)
+        return 2 if isinstance(exc, SettingsError) else 1
+    finally:
+        if fake is not None:
+            fake.stop()
+        if proc is not None:
+            stop_server(proc)
+            console.print(f"server stopped; the demo files stay in {workdir}", style="dim",
+                          markup=False)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

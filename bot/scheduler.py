@@ -1,0 +1,111 @@
+"""APScheduler 3 with an explicit timezone around the weekly job.
+
+Each fire time is claimed with a unique row (``weekly_run``), so any number of processes may
+run the scheduler: exactly one of them does the work. A fire missed while every process was down
+is caught up at start-up if it is within ``misfire_grace_s``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from apscheduler.events import EVENT_JOB_ERROR, JobExecutionEvent
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.schedulers.base import BaseScheduler
+from apscheduler.schedulers.blocking import BlockingScheduler
+from apscheduler.triggers.cron import CronTrigger
+from sqlalchemy import Engine
+
+from bot.broadcast import Messenger
+from bot.settings import Settings, cron_fields
+from bot.weekly import run_weekly_job
+from storage.models import utcnow
+
+log = logging.getLogger("newsbot.scheduler")
+
+JOB_ID = "weekly"
+
+
+def weekly_trigger(settings: Settings) -> CronTrigger:
+    return CronTrigger(**cron_fields(settings.broadcast.cron),
+                       timezone=ZoneInfo(settings.broadcast.timezone))
+
+
+def latest_fire_time(trigger: CronTrigger, now: datetime,
+                     lookback: timedelta) -> datetime | None:
+    """The most recent scheduled time in (now - lookback, now], if any."""
+    t: datetime | None = trigger.get_next_fire_time(None, now - lookback)
+    last = None
+    while t is not None and t <= now:
+        last = t
+        t = trigger.get_next_fire_time(t, t + timedelta(microseconds=1))
+    return last
+
+
+class WeeklyScheduler:
+    def __init__(self, settings: Settings, engine: Engine,
+                 messenger_factory: Callable[[], Messenger], *, blocking: bool = False,
+                 now: Callable[[], datetime] = utcnow) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.messenger_factory = messenger_factory
+        self.now = now
+        self.trigger = weekly_trigger(settings)
+        tz = ZoneInfo(settings.broadcast.timezone)
+        self.scheduler: BaseScheduler = (BlockingScheduler if blocking else BackgroundScheduler)(
+            timezone=tz)
+        self.scheduler.add_listener(self._on_error, EVENT_JOB_ERROR)
+        self.scheduler.add_job(self.fire, self.trigger, id=JOB_ID, coalesce=True,
+                               max_instances=1,
+                               misfire_grace_time=settings.broadcast.misfire_grace_s)
+
+    def _on_error(self, event: JobExecutionEvent) -> None:
+        log.error("scheduled job %s raised %r", event.job_id, event.exception)
+
+    def fire(self) -> None:
+        """Called by APScheduler at the cron time: run for the fire time just passed."""
+        grace = timedelta(seconds=self.settings.broadcast.misfire_grace_s)
+        scheduled = latest_fire_time(self.trigger, self.now(), grace)
+        if scheduled is None:
+            log.warning("weekly job fired with no scheduled time within the grace period")
+            return
+        self.run_for(scheduled)
+
+    def run_for(self, scheduled: datetime) -> None:
+        # Failures are logged with their traceback by the job; keep the scheduler alive.
+        with contextlib.suppress(Exception):
+            run_weekly_job(self.settings, self.engine, scheduled_for=scheduled,
+                           messenger_factory=self.messenger_factory, now=self.now)
+
+    def catch_up(self) -> None:
+        """Run a fire missed while the process was down (within the grace time)."""
+        grace = timedelta(seconds=self.settings.broadcast.misfire_grace_s)
+        scheduled = latest_fire_time(self.trigger, self.now(), grace)
+        if scheduled is not None:
+            log.info("catching up the weekly job scheduled for %s", scheduled)
+            self.run_for(scheduled)
+
+    def next_fire_time(self) -> datetime | None:
+        job = self.scheduler.get_job(JOB_ID)
+        if job is None:
+            return None
+        upcoming: datetime | None = (
+            job.next_run_time if self.scheduler.running
+            else self.trigger.get_next_fire_time(None, self.now()))
+        return upcoming
+
+    def start(self) -> None:
+        log.info("scheduler started: cron %r %s, next run %s", self.settings.broadcast.cron,
+                 self.settings.broadcast.timezone, self.next_fire_time())
+        # The catch-up runs as a one-off job on the scheduler's own thread: a long broadcast
+        # must not hold up the gunicorn master (and so the webhook) while it starts.
+        self.scheduler.add_job(self.catch_up, id="catch-up")
+        self.scheduler.start()
+
+    def shutdown(self) -> None:
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)

@@ -1,0 +1,263 @@
+"""Typed settings: one TOML file plus ``NEWSBOT_<SECTION>__<KEY>`` environment overrides."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PLACEHOLDER_PREFIX = "CHANGE-ME"
+ENV_PREFIX = "NEWSBOT_"
+
+
+class SettingsError(Exception):
+    """The configuration cannot be used; the message names the key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    public_url: str = "http://127.0.0.1:8080"
+    webhook_path: str = "/wechat"
+    max_clock_skew_s: int = Field(300, ge=1)
+    workers: int = Field(1, ge=1, le=64)
+    threads: int = Field(8, ge=1, le=256)
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("public_url")
+    @classmethod
+    def _strip_slash(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+    @field_validator("webhook_path")
+    @classmethod
+    def _leading_slash(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("must start with /")
+        return v
+
+
+class WechatSettings(_Section):
+    token: str = ""
+    app_id: str = ""
+    app_secret: str = ""
+    encoding_aes_key: str = ""
+    previous_encoding_aes_key: str = ""  # the old key while a rotation settles; then remove
+    accept_plain: bool = False
+    api_base: str = "https://api.weixin.qq.com"
+    connect_timeout_s: float = Field(3.0, gt=0)
+    read_timeout_s: float = Field(10.0, gt=0)
+
+
+class DatabaseSettings(_Section):
+    url: str = "sqlite:///newsbot.db"
+
+
+class ReaderSettings(_Section):
+    secret: str = ""
+    previous_secrets: list[str] = []
+    link_ttl_hours: int = Field(168, ge=1)
+
+
+class TokenSettings(_Section):
+    name: str = "豆"
+    max_topup: int = Field(100_000, ge=1)
+    how_to_get: str = "如需充值，请联系编辑部（在本对话中留言即可）。"
+
+
+class ContentSettings(_Section):
+    free_percent: int = Field(10, ge=0, le=100)
+
+
+class OperatorSettings(_Section):
+    openids: list[str] = []
+
+
+class MenuButton(_Section):
+    name: str
+    type: Literal["click", "view"] | None = None
+    key: str | None = None
+    url: str | None = None
+    sub_buttons: list[MenuButton] = []
+
+
+class MenuSettings(_Section):
+    buttons: list[MenuButton] = []
+
+
+class BroadcastSettings(_Section):
+    mode: Literal["sendall", "openids", "off"] = "off"
+    cron: str = "0 8 * * 1"
+    timezone: str = "Asia/Shanghai"
+    preview_openids: list[str] = []
+    tag_id: int | None = None
+    monthly_cap: int = Field(4, ge=1)
+    batch_size: int = Field(10_000, ge=2, le=10_000)
+    scheduler: bool = True
+    misfire_grace_s: int = Field(6 * 3600, ge=1)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("unknown time zone; use an IANA name such as Asia/Shanghai") from None
+        return v
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, v: str) -> str:
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger(**cron_fields(v))
+        except ValueError as exc:
+            raise ValueError(f"not a valid crontab expression: {exc}") from None
+        return v
+
+
+_WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def cron_fields(cron: str) -> dict[str, str]:
+    """A 5-field crontab line as APScheduler CronTrigger arguments. Crontab counts weekdays
+    from Sunday = 0 (or 7), APScheduler from Monday = 0; names mean the same to both, so the
+    weekday numbers are translated to names."""
+    fields = cron.split()
+    if len(fields) != 5:
+        raise ValueError("needs 5 fields: minute hour day month weekday")
+    minute, hour, day, month, weekday = fields
+    weekday = re.sub(r"(?<![/\d])([0-7])(?!\d)", lambda m: _WEEKDAYS[int(m.group(1))], weekday)
+    return {"minute": minute, "hour": hour, "day": day, "month": month, "day_of_week": weekday}
+
+
+class Settings(_Section):
+    server: ServerSettings = ServerSettings()
+    wechat: WechatSettings = WechatSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    reader: ReaderSettings = ReaderSettings()
+    tokens: TokenSettings = TokenSettings()
+    content: ContentSettings = ContentSettings()
+    operators: OperatorSettings = OperatorSettings()
+    broadcast: BroadcastSettings = BroadcastSettings()
+    menu: MenuSettings = MenuSettings()
+
+    source: str | None = Field(default=None, exclude=True)
+
+    def is_operator(self, openid: str) -> bool:
+        return openid in self.operators.openids
+
+    def missing_secrets(self, *, need_api: bool = False) -> list[str]:
+        """Keys that must be set before serving, each with a hint on how to set it."""
+        required = {"wechat.token": self.wechat.token, "reader.secret": self.reader.secret}
+        if need_api:
+            required["wechat.app_id"] = self.wechat.app_id
+            required["wechat.app_secret"] = self.wechat.app_secret
+        problems = []
+        for key, value in required.items():
+            section, name = key.split(".")
+            env = f"{ENV_PREFIX}{section.upper()}__{name.upper()}"
+            if not value or value.startswith(PLACEHOLDER_PREFIX):
+                state = "is missing" if not value else "still holds the example placeholder"
+                problems.append(
+                    f"[{section}] {name} {state}: set it in the config file or in ${env}")
+        if self.reader.secret and len(self.reader.secret) < 16 and not problems:
+            problems.append("[reader] secret is too short: use at least 16 random characters")
+        return problems
+
+
+def resolve_config_path(explicit: str | Path | None) -> Path | None:
+    """--config, else $NEWSBOT_CONFIG, else ./config.toml if present."""
+    return _resolve(explicit, dict(os.environ))
+
+
+def _env_value(raw: str) -> Any:
+    # Lists and tables can be given as JSON; everything else stays a string for pydantic to coerce.
+    stripped = raw.strip()
+    if stripped.startswith(("[", "{")):
+        try:
+            return json.loads(stripped)
+        except json.JSONDecodeError:
+            return raw
+    return raw
+
+
+def _apply_env(data: dict[str, Any], environ: dict[str, str]) -> None:
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].partition("__")
+        section, key = section.lower(), key.lower()
+        if section not in Settings.model_fields or section == "source" or not key:
+            raise SettingsError(f"{name}: unknown setting [{section}] {key}")
+        table = data.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise SettingsError(f"{name}: [{section}] is not a table in the config file")
+        table[key] = _env_value(raw)
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        key = f"[{loc[0]}] {'.'.join(loc[1:])}" if len(loc) > 1 else loc[0] if loc else "?"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{origin}: unknown key {key}")
+        else:
+            lines.append(f"{origin}: {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_settings(
+    path: str | Path | None = None,
+    *,
+    environ: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Settings:
+    """Build the settings from the resolved file, env overrides and explicit overrides."""
+    environ = dict(os.environ) if environ is None else environ
+    resolved = _resolve(path, environ)
+    data: dict[str, Any] = {}
+    origin = "settings"
+    if resolved is not None:
+        origin = str(resolved)
+        if not resolved.exists():
+            raise SettingsError(
+                f"config file {resolved} does not exist: copy config.example.toml to it "
+                "and fill in the secrets"
+            )
+        try:
+            data = tomllib.loads(resolved.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"{resolved}: not valid TOML: {exc}") from exc
+    _apply_env(data, environ)
+    for section, table in (overrides or {}).items():
+        data.setdefault(section, {}).update(table)
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        raise SettingsError(_format_errors(exc, origin)) from None
+    settings.source = str(resolved) if resolved else None
+    return settings
+
+
+def _resolve(path: str | Path | None, environ: dict[str, str]) -> Path | None:
+    if path:
+        return Path(path)
+    if environ.get("NEWSBOT_CONFIG"):
+        return Path(environ["NEWSBOT_CONFIG"])
+    default = Path("config.toml")
+    return default if default.exists() else None

@@ -1,0 +1,36 @@
+"""The chat features, in the order they are tried. Operator commands come first so a ``#…``
+from an operator is never mistaken for ordinary text; the help module's fallback comes last so
+every message gets an answer."""
+
+from __future__ import annotations
+
+from handlers import admin, balance, broadcast_events, help, issue, preview, redeem, subscription
+from handlers.errors import explain
+from handlers.router import Context, Incoming, Reply, Router, Text
+from storage.errors import DomainError
+
+ROUTERS: tuple[Router, ...] = (
+    broadcast_events.router,
+    admin.router,
+    subscription.router,
+    issue.router,
+    preview.router,
+    redeem.router,
+    balance.router,
+    help.router,
+)
+
+
+def dispatch(ctx: Context, msg: Incoming, routers: tuple[Router, ...] = ROUTERS) -> Reply:
+    """Run the first matching handler. Domain refusals become polite text here; any other
+    exception propagates so the webhook can log it and roll the transaction back."""
+    reply: Reply = Text(help.HINT)
+    try:
+        for router in routers:
+            handled = router.handle(ctx, msg)
+            if handled is not None:
+                reply = handled
+                break
+    except DomainError as err:
+        reply = Text(explain(err, unit=ctx.unit, topup_hint=ctx.settings.tokens.how_to_get))
+    return broadcast_events.with_new_issue_note(ctx, msg, reply)

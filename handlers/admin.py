@@ -1,0 +1,83 @@
+"""Operator commands, only for the openids in ``[operators] openids``; from anyone else a
+``#…`` message is ordinary unknown text and falls through to the hint."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+from handlers.format import ledger_line
+from handlers.router import Context, Incoming, Reply, Router, Text
+from storage import ledger, subscribers
+from storage.errors import UnknownSubscriber
+from storage.ledger import CreditKind
+
+router = Router("admin")
+
+USAGE = (
+    "用法：\n#topup OPENID 数量 原因\n#adjust OPENID 增减量 原因\n#user OPENID"
+)
+
+
+def _args(msg: Incoming) -> list[str]:
+    # Openids are case-sensitive: parse the original text, not the lower-cased command.
+    return unicodedata.normalize("NFKC", msg.raw_text).strip().split(maxsplit=3)
+
+
+def _credit(ctx: Context, msg: Incoming, kind: CreditKind) -> Reply:
+    args = _args(msg)
+    if len(args) < 4:
+        return Text(f"参数不全。\n{USAGE}")
+    _, openid, raw_amount, reason = args
+    try:
+        amount = int(raw_amount)
+    except ValueError:
+        return Text(f"数量必须是整数，收到「{raw_amount}」。\n{USAGE}")
+    result = ledger.credit(
+        ctx.session, openid=openid, amount=amount, kind=kind, key=ctx.key, reason=reason,
+        operator=msg.openid, max_topup=ctx.settings.tokens.max_topup,
+    )
+    verb = "充值" if kind == "topup" else "调整"
+    again = "（重复指令，未再次执行）" if result.replayed else ""
+    return Text(
+        f"✅ 已为 {openid} {verb} {result.entry.amount:+d} {ctx.unit}{again}\n"
+        f"当前余额 {result.balance} {ctx.unit}\n原因：{result.entry.reason}"
+    )
+
+
+@router.command(r"#topup\b.*", operators=True)
+def topup(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
+    return _credit(ctx, msg, "topup")
+
+
+@router.command(r"#adjust\b.*", operators=True)
+def adjust(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
+    return _credit(ctx, msg, "adjust")
+
+
+@router.command(r"#user\b.*", operators=True)
+def user(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
+    args = _args(msg)
+    if len(args) != 2:
+        return Text(f"参数有误。\n{USAGE}")
+    openid = args[1]
+    sub = subscribers.get_subscriber(ctx.session, openid=openid)
+    if sub is None:
+        raise UnknownSubscriber(openid)
+    unlocked = sorted(ledger.unlocked_issues(ctx.session, openid=openid))
+    lines = [
+        f"用户 {openid}",
+        f"状态：{'已关注' if sub.subscribed else '已取消关注'}",
+        f"余额：{sub.balance} {ctx.unit}",
+        f"已解锁：{', '.join(f'第{n}期' for n in unlocked) or '无'}",
+    ]
+    entries = ledger.recent_entries(ctx.session, openid=openid, limit=5)
+    if entries:
+        lines.append("最近记录：")
+        lines += [ledger_line(e, ctx.unit) for e in entries]
+    return Text("\n".join(lines))
+
+
+@router.command(r"#.*", operators=True)
+def usage(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
+    return Text(f"未知的运营指令。\n{USAGE}")

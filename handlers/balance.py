@@ -1,0 +1,28 @@
+"""余额: the balance and the latest ledger entries."""
+
+from __future__ import annotations
+
+import re
+
+from handlers.format import ledger_line
+from handlers.router import Context, Incoming, Reply, Router, Text
+from storage import ledger
+
+router = Router("balance")
+
+
+@router.command(r"余额|balance|账户|我的")
+@router.click("BALANCE")
+def balance(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
+    amount = ledger.get_balance(ctx.session, openid=msg.openid)
+    entries = ledger.recent_entries(ctx.session, openid=msg.openid, limit=5)
+    lines = [f"💰 你的余额：{amount} {ctx.unit}"]
+    if entries:
+        lines.append("")
+        lines.append("最近记录：")
+        lines += [ledger_line(e, ctx.unit) for e in entries]
+    else:
+        lines.append("还没有任何记录。")
+    lines.append("")
+    lines.append(ctx.settings.tokens.how_to_get)
+    return Text("\n".join(lines))

@@ -1,0 +1,73 @@
+"""兑换 (unlock an issue with tokens) and 全文 (the full-text link)."""
+
+from __future__ import annotations
+
+import re
+
+from handlers.format import issue_heading
+from handlers.router import Context, Incoming, News, Reply, Router, Text, issue_arg
+from storage import issues, ledger
+from storage.errors import UnknownIssue
+from storage.issues import IssuePreview
+
+router = Router("redeem")
+
+
+def _target(ctx: Context, number: int | None) -> IssuePreview:
+    if number is None:
+        current = ctx.current_issue()
+        if current is None:
+            raise UnknownIssue(None)
+        return current
+    return issues.get_issue(ctx.session, number=number, default_free_percent=ctx.free_percent)
+
+
+def _ttl_note(ctx: Context) -> str:
+    hours = ctx.settings.reader.link_ttl_hours
+    return f"链接 {hours // 24} 天内有效" if hours % 24 == 0 else f"链接 {hours} 小时内有效"
+
+
+def _full_text_news(ctx: Context, openid: str, item: IssuePreview, note: str) -> News:
+    return News(
+        title=f"全文｜{issue_heading(item)}",
+        description=f"{note}\n点击阅读全文（{_ttl_note(ctx)}，过期回复「全文 {item.number}」再取）",
+        url=ctx.make_link(openid, item.number),
+    )
+
+
+@router.command(r"(?:兑换|解锁|unlock|redeem)(?:\s*(?:第\s*)?(?P<n>\d{1,6})\s*期?)?")
+@router.click("UNLOCK")
+def unlock(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
+    item = _target(ctx, issue_arg(match))
+    result = ledger.redeem(ctx.session, openid=msg.openid, issue_number=item.number,
+                           price=item.price, key=ctx.key)
+    if result.status == "free":
+        return _full_text_news(ctx, msg.openid, item, "本期免费，无需兑换。")
+    if result.status == "already":
+        return _full_text_news(ctx, msg.openid, item,
+                               f"你已解锁过本期，未重复扣费。余额 {result.balance} {ctx.unit}。")
+    return _full_text_news(
+        ctx, msg.openid, item,
+        f"兑换成功：扣除 {item.price} {ctx.unit}，余额 {result.balance} {ctx.unit}。",
+    )
+
+
+@router.command(r"(?:全文|阅读|read)(?:\s*(?:第\s*)?(?P<n>\d{1,6})\s*期?)?")
+@router.click("READ")
+def read(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
+    item = _target(ctx, issue_arg(match))
+    if item.is_free:
+        return _full_text_news(ctx, msg.openid, item, "本期免费阅读。")
+    if ledger.has_entitlement(ctx.session, openid=msg.openid, issue_number=item.number):
+        return _full_text_news(ctx, msg.openid, item, "你已解锁本期。")
+    balance = ledger.get_balance(ctx.session, openid=msg.openid)
+    lines = [
+        f"{issue_heading(item)} 尚未解锁。",
+        f"价格 {item.price} {ctx.unit}｜你的余额 {balance} {ctx.unit}",
+    ]
+    if balance >= item.price:
+        lines.append(f"回复「兑换 {item.number}」立即解锁全文")
+    else:
+        lines.append(f"还差 {item.price - balance} {ctx.unit}。{ctx.settings.tokens.how_to_get}")
+    lines.append(f"回复「试读 {item.number}」先读免费部分")
+    return Text("\n".join(lines))

@@ -1,0 +1,175 @@
+"""The pieces every handler module shares: the incoming message, the context, the reply types
+and a small router. Each feature module exports one ``router``; ``handlers/__init__.py`` puts
+them in order."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal, Protocol
+
+from sqlmodel import Session
+
+from bot.settings import Settings
+from storage import issues
+from storage.issues import IssuePreview
+
+
+@dataclass(frozen=True)
+class Text:
+    content: str
+
+
+@dataclass(frozen=True)
+class News:
+    """A one-article 图文 reply (WeChat shows only one article in reply to a user message)."""
+
+    title: str
+    description: str
+    url: str
+    pic_url: str = ""
+
+
+@dataclass(frozen=True)
+class Silent:
+    """Acknowledge without a message (WeChat expects the body ``success``)."""
+
+
+Reply = Text | News | Silent
+
+
+@dataclass(frozen=True)
+class Incoming:
+    openid: str
+    msg_type: str  # text | image | voice | location | event | …
+    text: str = ""  # normalised command text (NFKC, trimmed, lower-case)
+    raw_text: str = ""
+    event: str = ""  # lower-case event name for msg_type == "event"
+    event_key: str = ""
+    fields: dict[str, str] = field(default_factory=dict)  # everything else WeChat sent
+
+
+class LinkMaker(Protocol):
+    def __call__(self, openid: str, issue_number: int) -> str: ...
+
+
+@dataclass
+class Context:
+    """What a handler may use: the transaction's session (for storage calls only), settings,
+    a reader-link signer and the idempotency key of this delivery."""
+
+    session: Session
+    settings: Settings
+    make_link: LinkMaker
+    key: str
+    now: datetime
+    _current: IssuePreview | Literal[False] | None = field(default=False, repr=False)
+
+    def current_issue(self) -> IssuePreview | None:
+        """The most recently published issue, looked up once per message."""
+        if self._current is False:
+            self._current = issues.current_issue(self.session,
+                                                 default_free_percent=self.free_percent)
+        return self._current
+
+    @property
+    def unit(self) -> str:
+        return self.settings.tokens.name
+
+    @property
+    def free_percent(self) -> int:
+        return self.settings.content.free_percent
+
+
+Handler = Callable[[Context, Incoming, "re.Match[str] | None"], Reply | None]
+
+
+def normalize(text: str) -> str:
+    """Full-width digits and letters to ASCII, case folded, whitespace collapsed."""
+    text = unicodedata.normalize("NFKC", text)
+    return " ".join(text.split()).lower()
+
+
+@dataclass
+class _Route:
+    handler: Handler
+    pattern: re.Pattern[str] | None = None
+    event: str | None = None
+    click_key: str | None = None
+    msg_types: frozenset[str] = frozenset()
+    only_operators: bool = False
+
+
+class Router:
+    """Routes are tried in the order they were declared; the first non-None reply wins."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.routes: list[_Route] = []
+
+    def command(self, pattern: str, *, operators: bool = False) -> Callable[[Handler], Handler]:
+        compiled = re.compile(pattern)
+
+        def register(fn: Handler) -> Handler:
+            self.routes.append(_Route(fn, pattern=compiled, only_operators=operators))
+            return fn
+
+        return register
+
+    def event(self, name: str) -> Callable[[Handler], Handler]:
+        def register(fn: Handler) -> Handler:
+            self.routes.append(_Route(fn, event=name))
+            return fn
+
+        return register
+
+    def click(self, key: str) -> Callable[[Handler], Handler]:
+        def register(fn: Handler) -> Handler:
+            self.routes.append(_Route(fn, click_key=key.upper()))
+            return fn
+
+        return register
+
+    def message(self, *msg_types: str) -> Callable[[Handler], Handler]:
+        """Any message of these types (empty = every type): used by the fallback."""
+
+        def register(fn: Handler) -> Handler:
+            self.routes.append(_Route(fn, msg_types=frozenset(msg_types)))
+            return fn
+
+        return register
+
+    def handle(self, ctx: Context, msg: Incoming) -> Reply | None:
+        for route in self.routes:
+            match: re.Match[str] | None = None
+            if route.pattern is not None:
+                if msg.msg_type != "text":
+                    continue
+                if route.only_operators and not ctx.settings.is_operator(msg.openid):
+                    continue
+                match = route.pattern.fullmatch(msg.text)
+                if match is None:
+                    continue
+            elif route.event is not None:
+                if msg.msg_type != "event" or msg.event != route.event:
+                    continue
+            elif route.click_key is not None:
+                if msg.event != "click" or msg.event_key.upper() != route.click_key:
+                    continue
+            elif route.msg_types and msg.msg_type not in route.msg_types:
+                continue
+            reply = route.handler(ctx, msg, match)
+            if reply is not None:
+                return reply
+        return None
+
+
+def issue_arg(match: re.Match[str] | None, group: str = "n") -> int | None:
+    """The optional issue number captured by a command pattern."""
+    if match is None:
+        return None
+    value = match.groupdict().get(group)
+    return int(value) if value else None

@@ -1,0 +1,1 @@
+"""Revision scripts, oldest first by number; Alembic links them through ``down_revision``."""

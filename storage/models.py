@@ -1,0 +1,232 @@
+"""Tables. Money columns are integers in the configured token unit; times are timezone-aware UTC."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Index,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stores UTC and always returns aware datetimes (SQLite would hand back naive ones)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _ts(nullable: bool = False) -> Any:
+    return Column(UTCDateTime(), nullable=nullable)
+
+
+class Subscriber(SQLModel, table=True):
+    """A follower of the account. ``balance`` caches the sum of the ledger, updated in the same
+    transaction as each entry and guarded by a CHECK so it can never go negative."""
+
+    __table_args__ = (CheckConstraint("balance >= 0", name="ck_subscriber_balance_nonneg"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    openid: str = Field(max_length=64, unique=True, index=True)
+    subscribed: bool = Field(default=True, index=True)
+    balance: int = Field(default=0, sa_type=BigInteger)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+    subscribed_at: datetime | None = Field(default=None, sa_column=_ts(True))
+    unsubscribed_at: datetime | None = Field(default=None, sa_column=_ts(True))
+
+
+class Issue(SQLModel, table=True):
+    """One weekly newsletter issue. ``body_md`` is the locked full text: only
+    ``storage.issues.full_text`` hands it out, after checking the entitlement."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    number: int = Field(unique=True, index=True)
+    title: str = Field(max_length=200)
+    summary: str = ""
+    price: int = Field(ge=0)
+    free_percent: int | None = None
+    published_at: datetime | None = Field(default=None, sa_column=_ts(True))
+    topics_json: str = Field(sa_column=Column(Text, nullable=False))
+    body_md: str = Field(sa_column=Column(Text, nullable=False))
+    excerpt_md: str = Field(sa_column=Column(Text, nullable=False))
+    char_count: int = 0
+    excerpt_char_count: int = 0
+    source_sha256: str = Field(max_length=64)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+    updated_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+
+
+class LedgerEntry(SQLModel, table=True):
+    """Append-only. Rows are never updated or deleted; mistakes are fixed by new ``adjust`` rows."""
+
+    __tablename__ = "ledger_entry"
+    __table_args__ = (
+        CheckConstraint("balance_after >= 0", name="ck_ledger_balance_after_nonneg"),
+        Index("ix_ledger_openid_id", "openid", "id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    openid: str = Field(max_length=64)
+    amount: int = Field(sa_type=BigInteger)
+    kind: str = Field(max_length=16)  # topup | adjust | redeem
+    issue_number: int | None = None
+    idempotency_key: str = Field(max_length=128, unique=True)
+    operator: str | None = Field(default=None, max_length=64)
+    reason: str = ""
+    balance_after: int = Field(sa_type=BigInteger)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+
+
+class Entitlement(SQLModel, table=True):
+    """The right to read one issue in full; at most one per (subscriber, issue)."""
+
+    __table_args__ = (UniqueConstraint("openid", "issue_number", name="uq_entitlement"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    openid: str = Field(max_length=64, index=True)
+    issue_number: int
+    ledger_entry_id: int | None = None
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+
+
+class InboundMessage(SQLModel, table=True):
+    """Deduplication of WeChat deliveries: claimed before any side effect, finished with the
+    reply, so a retry gets the very same answer and never runs the handler twice."""
+
+    __tablename__ = "inbound_message"
+
+    id: int | None = Field(default=None, primary_key=True)
+    dedupe_key: str = Field(max_length=200, unique=True)
+    openid: str = Field(max_length=64)
+    status: str = Field(default="pending", max_length=16)  # pending | done
+    reply_json: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+    finished_at: datetime | None = Field(default=None, sa_column=_ts(True))
+
+
+class AccessToken(SQLModel, table=True):
+    """WeChat access tokens shared by every process through the database."""
+
+    __tablename__ = "access_token"
+
+    app_id: str = Field(primary_key=True, max_length=64)
+    token: str = Field(sa_column=Column(Text, nullable=False))
+    expires_at: datetime = Field(sa_column=_ts())
+    fetched_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+
+
+class Broadcast(SQLModel, table=True):
+    """The push of one issue to subscribers; at most one per issue."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    issue_number: int = Field(unique=True)
+    mode: str = Field(max_length=16)  # sendall | openids
+    status: str = Field(default="sending", max_length=16)  # sending | done | failed
+    text: str = Field(sa_column=Column(Text, nullable=False))
+    tag_id: int | None = None
+    forced: bool = False
+    batches_sent: int = 0
+    recipients: int = 0  # openids confirmed by WeChat (openids mode)
+    error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    started_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+    finished_at: datetime | None = Field(default=None, sa_column=_ts(True))
+
+
+class BroadcastBatch(SQLModel, table=True):
+    """One mass-send call. Planned (status ``planned``) before the call with its exact
+    subscriber-id range and clientmsgid, confirmed (``sent``) only after WeChat accepted it, so a
+    resume re-sends the very same batch and WeChat's clientmsgid check stops a duplicate."""
+
+    __tablename__ = "broadcast_batch"
+    __table_args__ = (UniqueConstraint("broadcast_id", "seq", name="uq_batch_seq"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    broadcast_id: int = Field(index=True)
+    seq: int
+    clientmsgid: str = Field(max_length=64, unique=True)
+    first_subscriber_id: int | None = None
+    last_subscriber_id: int | None = None
+    recipients: int = 0
+    status: str = Field(default="planned", max_length=16)  # planned | sent
+    # WeChat's ids outgrow 32 bits.
+    msg_id: int | None = Field(default=None, index=True, sa_type=BigInteger)
+    msg_data_id: int | None = Field(default=None, sa_type=BigInteger)
+    already_sent: bool = False
+    sent_at: datetime | None = Field(default=None, sa_column=_ts(True))
+    # From the MASSSENDJOBFINISH event:
+    job_status: str | None = Field(default=None, max_length=64)
+    total_count: int | None = None
+    filter_count: int | None = None
+    sent_count: int | None = None
+    error_count: int | None = None
+    finished_at: datetime | None = Field(default=None, sa_column=_ts(True))
+
+
+class IssueNotice(SQLModel, table=True):
+    """A subscriber was told that issue N is out (broadcast mode "off")."""
+
+    __tablename__ = "issue_notice"
+    __table_args__ = (UniqueConstraint("openid", "issue_number", name="uq_issue_notice"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    openid: str = Field(max_length=64)
+    issue_number: int
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+
+
+class WeeklyRun(SQLModel, table=True):
+    """One row per scheduled fire time: whoever inserts it runs the weekly job, so a double
+    fire, a catch-up after downtime or many processes still run it once."""
+
+    __tablename__ = "weekly_run"
+
+    id: int | None = Field(default=None, primary_key=True)
+    scheduled_for: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False, unique=True))
+    runner: str = Field(max_length=128)
+    status: str = Field(default="running", max_length=16)  # running | done | failed
+    published_issue: int | None = None
+    broadcast_issue: int | None = None
+    note: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    started_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+    finished_at: datetime | None = Field(default=None, sa_column=_ts(True))
+
+
+class MassJobReport(SQLModel, table=True):
+    """WeChat's MASSSENDJOBFINISH report, kept by msg_id: it may arrive before the batch that
+    sent it has been recorded, so it is stored on its own and joined when either side lands."""
+
+    __tablename__ = "mass_job_report"
+
+    id: int | None = Field(default=None, primary_key=True)
+    msg_id: int = Field(unique=True, sa_type=BigInteger)
+    status: str = Field(max_length=64)
+    total_count: int | None = None
+    filter_count: int | None = None
+    sent_count: int | None = None
+    error_count: int | None = None
+    received_at: datetime = Field(default_factory=utcnow, sa_column=_ts())

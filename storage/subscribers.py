@@ -1,0 +1,80 @@
+"""Subscribers. Unsubscribing only marks the row inactive: balance and unlocks are financial
+records and stay, so a returning reader finds everything as they left it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import func
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlmodel import Session, col, select, update
+
+from storage.errors import UnknownSubscriber
+from storage.models import Subscriber, utcnow
+from storage.sql import insert_ignore
+
+
+def ensure_subscriber(session: Session, *, openid: str, at: datetime | None = None) -> bool:
+    """Create the subscriber if new (active). True when created by this call."""
+    now = at or utcnow()
+    return insert_ignore(
+        session,
+        Subscriber,
+        {"openid": openid, "subscribed": True, "balance": 0, "created_at": now,
+         "subscribed_at": now},
+    )
+
+
+def get_subscriber(session: Session, *, openid: str) -> Subscriber | None:
+    return session.exec(select(Subscriber).where(Subscriber.openid == openid)).first()
+
+
+def require_subscriber(session: Session, *, openid: str) -> Subscriber:
+    sub = get_subscriber(session, openid=openid)
+    if sub is None:
+        raise UnknownSubscriber(openid)
+    return sub
+
+
+def set_subscribed(session: Session, *, openid: str, subscribed: bool,
+                   at: datetime | None = None) -> None:
+    now = at or utcnow()
+    ensure_subscriber(session, openid=openid, at=now)
+    values: dict[str, object] = {"subscribed": subscribed}
+    values["subscribed_at" if subscribed else "unsubscribed_at"] = now
+    session.execute(update(Subscriber).where(col(Subscriber.openid) == openid).values(**values))
+
+
+def list_subscribers(
+    session: Session, *, limit: int = 100, offset: int = 0, active_only: bool = False
+) -> list[Subscriber]:
+    stmt = select(Subscriber).order_by(col(Subscriber.id)).offset(offset).limit(limit)
+    if active_only:
+        stmt = stmt.where(col(Subscriber.subscribed).is_(True))
+    return list(session.exec(stmt).all())
+
+
+def count_subscribers(session: Session, *, active_only: bool = False) -> int:
+    stmt = select(func.count()).select_from(Subscriber)
+    if active_only:
+        stmt = stmt.where(col(Subscriber.subscribed).is_(True))
+    return int(session.exec(stmt).one())
+
+
+def add_followers(session: Session, *, openids: list[str], at: datetime | None = None) -> int:
+    """Insert followers pulled from WeChat as active subscribers (one multi-row statement per
+    page) and reactivate known ones; returns how many were new."""
+    if not openids:
+        return 0
+    now = at or utcnow()
+    before = count_subscribers(session)
+    dialect = session.get_bind().dialect.name
+    module = postgresql if dialect == "postgresql" else sqlite
+    rows = [{"openid": o, "subscribed": True, "balance": 0, "created_at": now,
+             "subscribed_at": now} for o in openids]
+    session.execute(module.insert(Subscriber).on_conflict_do_nothing(), rows)
+    # WeChat's follower list is the truth: anyone on it is following now.
+    session.execute(update(Subscriber).where(col(Subscriber.openid).in_(openids),
+                                             col(Subscriber.subscribed).is_(False))
+                    .values(subscribed=True, subscribed_at=now))
+    return count_subscribers(session) - before
