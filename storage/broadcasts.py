@@ -16,7 +16,7 @@ from storage.models import (
     WeeklyRun,
     utcnow,
 )
-from storage.sql import insert_ignore
+from storage.sql import LOCK_MASS_JOB, insert_ignore, lock_for_transaction
 
 
 def get_broadcast(session: Session, *, issue_number: int) -> Broadcast | None:
@@ -103,6 +103,9 @@ def plan_batch(session: Session, *, broadcast_id: int, seq: int, clientmsgid: st
 def confirm_batch(session: Session, *, batch_id: int, broadcast_id: int, msg_id: int | None,
                   msg_data_id: int | None, already_sent: bool, recipients: int) -> None:
     """Move the checkpoint: only called after WeChat accepted the batch."""
+    if msg_id is not None:
+        # WeChat's MASSSENDJOBFINISH may be stored by the webhook while this runs.
+        lock_for_transaction(session, LOCK_MASS_JOB, msg_id)
     session.execute(update(BroadcastBatch).where(col(BroadcastBatch.id) == batch_id).values(
         status="sent", msg_id=msg_id, msg_data_id=msg_data_id, already_sent=already_sent,
         recipients=recipients, sent_at=utcnow()))
@@ -131,6 +134,8 @@ def finish_broadcast(session: Session, *, broadcast_id: int, status: str,
 def record_job_finish(session: Session, *, msg_id: int, status: str, total: int | None,
                       filtered: int | None, sent: int | None, errors: int | None) -> bool:
     """Store WeChat's MASSSENDJOBFINISH report; True when it is new."""
+    # Without the lock, a batch confirmed concurrently and this report would each miss the other.
+    lock_for_transaction(session, LOCK_MASS_JOB, msg_id)
     inserted = insert_ignore(session, MassJobReport, {
         "msg_id": msg_id, "status": status, "total_count": total, "filter_count": filtered,
         "sent_count": sent, "error_count": errors, "received_at": utcnow()})

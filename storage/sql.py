@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import literal_column
+from sqlalchemy import literal_column, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session
 
@@ -24,3 +24,20 @@ def insert_ignore(session: Session, model: type[Any], values: dict[str, Any]) ->
 def scalar(session: Session, stmt: Any) -> Any:
     """One value from a Core statement, without the ORM's per-call overhead."""
     return session.connection().execute(stmt).scalar()
+
+
+# Namespaces for transaction-scoped advisory locks (the first int of the two-int form).
+LOCK_MASS_JOB = 0x6E62_0001
+
+
+def lock_for_transaction(session: Session, namespace: int, key: int) -> None:
+    """Serialise this transaction with any other that locks the same (namespace, key).
+
+    Needed where two transactions each write one row and read the other's, which READ
+    COMMITTED lets both miss. On SQLite every write transaction already runs alone
+    (BEGIN IMMEDIATE), so there is nothing to do. A hash collision only costs a wait.
+    """
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:ns, :key)"),
+                     {"ns": namespace, "key": (key % 0xFFFF_FFFF) - 0x7FFF_FFFF})

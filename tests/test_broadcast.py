@@ -307,6 +307,58 @@ def test_fake_calls_back_the_webhook_with_the_job_report(engine: Engine) -> None
         assert batch.sent_count == 4 and batch.job_status
 
 
+@pytest.mark.parametrize("report_first", [False, True])
+def test_job_report_racing_the_batch_confirmation_is_applied(
+        engine: Engine, report_first: bool) -> None:
+    """The webhook stores MASSSENDJOBFINISH while the broadcaster's confirmation is still open
+    (and the other way round): whichever commits second must see the first."""
+    import_issue(engine, SAMPLE_ISSUE)
+    with transaction(engine) as s:
+        record = broadcasts.create_broadcast(s, issue_number=1, mode="openids", text="x",
+                                             tag_id=None, forced=False)
+        assert record is not None and record.id is not None
+        batch = broadcasts.plan_batch(s, broadcast_id=record.id, seq=1, clientmsgid="c-1",
+                                      first_id=1, last_id=4)
+        broadcast_id, batch_id = record.id, batch.id or 0
+    msg_id = 3_000_000_123
+
+    def confirm(s: Any) -> None:
+        broadcasts.confirm_batch(s, batch_id=batch_id, broadcast_id=broadcast_id, msg_id=msg_id,
+                                 msg_data_id=None, already_sent=False, recipients=4)
+
+    def report(s: Any) -> None:
+        broadcasts.record_job_finish(s, msg_id=msg_id, status="send success", total=4,
+                                     filtered=4, sent=4, errors=0)
+
+    first, second = (report, confirm) if report_first else (confirm, report)
+    first_open, release = threading.Event(), threading.Event()
+
+    def hold_first_open() -> None:
+        with transaction(engine) as s:
+            first(s)
+            first_open.set()
+            release.wait(timeout=10)
+
+    def run_second() -> None:
+        with transaction(engine) as s:
+            second(s)
+
+    holder = threading.Thread(target=hold_first_open)
+    holder.start()
+    assert first_open.wait(timeout=10)
+    other = threading.Thread(target=run_second)
+    other.start()
+    other.join(timeout=0.3)  # time for the second to run its statements (or block on the lock)
+    release.set()
+    for t in (holder, other):
+        t.join(timeout=10)
+        assert not t.is_alive()
+    with transaction(engine) as s:
+        (stored,) = broadcasts.batches(s, broadcast_id=broadcast_id)
+        assert (stored.status, stored.job_status, stored.sent_count) == (
+            "sent", "send success", 4)
+
+
 # --- mode "off" ----------------------------------------------------------------------------------
 
 def test_mode_off_shows_the_new_issue_note_once_per_subscriber(
