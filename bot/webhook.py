@@ -30,9 +30,19 @@ from bot.links import ReaderLinks
 from bot.settings import Settings
 from handlers.errors import BUSY
 from handlers.format import fit_bytes
-from handlers.router import Context, Incoming, News, Reply, Router, Silent, Text, normalize
-from storage import inbox, subscribers
-from storage.db import run_in_transaction
+from handlers.router import (
+    Context,
+    Incoming,
+    NeedsWrite,
+    News,
+    Reply,
+    Router,
+    Silent,
+    Text,
+    normalize,
+)
+from storage import broadcasts, inbox, subscribers
+from storage.db import read_only, run_in_transaction
 from storage.models import utcnow
 
 log = logging.getLogger("newsbot.webhook")
@@ -45,6 +55,10 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 # What a logged message type may contain: WeChat's types and event names are short identifiers.
 _LOG_TYPE = re.compile(r"[^a-z0-9_.:-]")
 MAX_NONCE_CHARS = 128
+
+
+class _NoticeTaken(Exception):
+    """The read path's new-issue note was shown by a concurrent message of the same reader."""
 
 
 class BadRequest(Exception):
@@ -333,6 +347,18 @@ class Webhook:
 
     def _reply_for(self, delivery: Delivery, request_id: str) -> tuple[Reply, str]:
         try:
+            answered = self._answer_reading(delivery)
+        except (NeedsWrite, _NoticeTaken):
+            answered = None
+        except Exception:
+            # E.g. a write attempted by a handler marked @reads_only (the session refuses it).
+            # The write path below answers correctly and reports real failures itself.
+            log.warning("read path failed id=%s; answering on the write path", request_id,
+                        exc_info=True)
+            answered = None
+        if answered is not None:
+            return answered
+        try:
             return run_in_transaction(self.engine, lambda s: self._handle(s, delivery))
         except Exception:
             log.exception("handler failed id=%s key=%s", request_id, delivery.dedupe_key)
@@ -341,6 +367,36 @@ class Webhook:
                 s, key=delivery.dedupe_key, openid=delivery.incoming.openid,
                 reply_json=reply_to_json(busy)))
             return busy, "error"
+
+    def _answer_reading(self, delivery: Delivery) -> tuple[Reply, str] | None:
+        """The fast path for messages whose handler only reads (本周, 余额, 试读, 帮助 …): the
+        reply is computed in a read-only transaction, which on SQLite takes no write lock,
+        then the claim and the reply are stored with one INSERT, so a message holds the write
+        lock for one statement instead of its whole handler. ``None`` when the message needs
+        the write path (a handler that writes, a subscriber not yet known); NeedsWrite or
+        _NoticeTaken when that turns out on the way."""
+        msg = delivery.incoming
+        with read_only(self.engine) as session:
+            ctx = Context(session=session, settings=self.settings, make_link=self.links,
+                          key=delivery.idempotency_key, now=utcnow(), read_only=True)
+            current = ctx.current_issue()
+            if not ctx.standing(msg.openid, current.number if current else None).known:
+                return None  # the write path creates the subscriber first
+            reply = handlers.dispatch(ctx, msg, self.routers)
+            notice = ctx.deferred_notice
+        reply_json = reply_to_json(reply)
+
+        def store(session: Session) -> tuple[Reply, str]:
+            claim = inbox.claim_done(session, key=delivery.dedupe_key, openid=msg.openid,
+                                     reply_json=reply_json)
+            if claim.state == "done":  # WeChat's retry of a message answered before
+                return reply_from_json(claim.reply_json), "duplicate"
+            if notice is not None and not broadcasts.mark_notified(
+                    session, openid=msg.openid, issue_number=notice):
+                raise _NoticeTaken  # another message showed the note first: roll back, redo
+            return reply, "ok"
+
+        return run_in_transaction(self.engine, store)
 
     def _handle(self, session: Session, delivery: Delivery) -> tuple[Reply, str]:
         """Claim, side effects and the stored reply in one transaction, so a crash leaves none

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from handlers.format import ledger_line
-from handlers.router import Context, Incoming, Reply, Router, Text
+from handlers.router import Context, Incoming, Reply, Router, Text, reads_only
 from storage import ledger
 
 router = Router("balance")
@@ -13,6 +13,7 @@ router = Router("balance")
 
 @router.command(r"余额|balance|账户|我的")
 @router.click("BALANCE")
+@reads_only
 def balance(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
     amount = ledger.get_balance(ctx.session, openid=msg.openid)
     entries = ledger.recent_entries(ctx.session, openid=msg.openid, limit=5)

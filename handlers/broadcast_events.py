@@ -42,7 +42,14 @@ def with_new_issue_note(ctx: Context, msg: Incoming, reply: Reply) -> Reply:
     if msg.event == "subscribe":  # the welcome already shows the current issue
         broadcasts.mark_notified(ctx.session, openid=msg.openid, issue_number=current.number)
         return reply
-    if not broadcasts.mark_notified(ctx.session, openid=msg.openid, issue_number=current.number):
+    if ctx.read_only:
+        # The fast path cannot write: the webhook stores the notice with the claim (and answers
+        # on the write path if another message got there first).
+        if ctx.standing(msg.openid, current.number).notified:
+            return reply
+        ctx.deferred_notice = current.number
+    elif not broadcasts.mark_notified(ctx.session, openid=msg.openid,
+                                      issue_number=current.number):
         return reply
     heading = issue_heading(current)
     note = f"🆕 新一期已发布：{heading}（回复「本周」查看）"

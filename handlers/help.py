@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from handlers.router import Context, Incoming, Reply, Router, Silent, Text
+from handlers.router import Context, Incoming, Reply, Router, Silent, Text, reads_only
 
 router = Router("help")
 
@@ -25,11 +25,13 @@ HINT = "没太明白你的意思 🙂 回复「帮助」查看可用指令，回
 
 @router.command(r"帮助|help|\?|菜单|menu|h")
 @router.click("HELP")
+@reads_only
 def show_help(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
     return Text(HELP.format(unit=ctx.unit))
 
 
 @router.message()
+@reads_only
 def fallback(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
     if msg.msg_type == "event" and msg.event not in ("click", "scan"):
         # View clicks, location reports and other pushes expect no answer.

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 
 from handlers.format import fit_bytes, issue_card, issue_heading
-from handlers.router import Context, Incoming, Reply, Router, Text, issue_arg
+from handlers.router import Context, Incoming, Reply, Router, Text, issue_arg, reads_only
 from storage import issues, ledger
-from storage.errors import UnknownIssue
+from storage.errors import UnknownIssue, UnknownSubscriber
 
 router = Router("issue")
 
@@ -23,18 +23,22 @@ def card_for(ctx: Context, openid: str, number: int | None, *, lead: str = "") -
     else:
         preview = issues.get_issue(ctx.session, number=number,
                                    default_free_percent=ctx.free_percent)
-    unlocked = ledger.has_entitlement(ctx.session, openid=openid, issue_number=preview.number)
-    balance = ledger.get_balance(ctx.session, openid=openid)
-    return issue_card(preview, unit=ctx.unit, balance=balance, unlocked=unlocked, lead=lead)
+    standing = ctx.standing(openid, preview.number)
+    if not standing.known:
+        raise UnknownSubscriber(openid)
+    return issue_card(preview, unit=ctx.unit, balance=standing.balance,
+                      unlocked=standing.unlocked, lead=lead)
 
 
 @router.command(r"本周|最新|latest|本期|this week")
 @router.click("LATEST")
+@reads_only
 def latest(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
     return Text(card_for(ctx, msg.openid, None))
 
 
 @router.command(r"(?:第\s*(?P<a>\d{1,6})\s*期|w\s*(?P<b>\d{1,6})|week\s*(?P<c>\d{1,6})|(?P<d>\d{1,6}))")
+@reads_only
 def by_number(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
     assert match is not None
     number = int(next(g for g in match.groups() if g))
@@ -43,6 +47,7 @@ def by_number(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply
 
 @router.command(r"(?:往期|list|archive)(?:\s*(?P<n>\d{1,4}))?")
 @router.click("ARCHIVE")
+@reads_only
 def archive(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
     page = max(issue_arg(match) or 1, 1)
     all_issues = issues.list_issues(ctx.session, default_free_percent=ctx.free_percent)

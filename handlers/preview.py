@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from handlers.format import REPLY_LIMIT_BYTES, byte_len, fit_bytes, issue_heading
-from handlers.router import Context, Incoming, Reply, Router, Text, issue_arg
+from handlers.router import Context, Incoming, Reply, Router, Text, issue_arg, reads_only
 from storage import issues
 from storage.content import plain_text
 from storage.errors import UnknownIssue
@@ -15,6 +15,7 @@ router = Router("preview")
 
 @router.command(r"(?:试读|preview)(?:\s*(?:第\s*)?(?P<n>\d{1,6})\s*期?)?")
 @router.click("PREVIEW")
+@reads_only
 def preview(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
     number = issue_arg(match)
     if number is None:

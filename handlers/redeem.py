@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from handlers.format import issue_heading
-from handlers.router import Context, Incoming, News, Reply, Router, Text, issue_arg
+from handlers.router import Context, Incoming, News, Reply, Router, Text, issue_arg, reads_only
 from storage import issues, ledger
 from storage.errors import UnknownIssue
 from storage.issues import IssuePreview
@@ -54,6 +54,7 @@ def unlock(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
 
 @router.command(r"(?:全文|阅读|read)(?:\s*(?:第\s*)?(?P<n>\d{1,6})\s*期?)?")
 @router.click("READ")
+@reads_only
 def read(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
     item = _target(ctx, issue_arg(match))
     if item.is_free:

@@ -14,8 +14,9 @@ from typing import Literal, Protocol
 from sqlmodel import Session
 
 from bot.settings import Settings
-from storage import issues
+from storage import issues, subscribers
 from storage.issues import IssuePreview
+from storage.subscribers import Standing
 
 
 @dataclass(frozen=True)
@@ -56,17 +57,28 @@ class LinkMaker(Protocol):
     def __call__(self, openid: str, issue_number: int) -> str: ...
 
 
+class NeedsWrite(Exception):
+    """The message needs a handler that writes: answer it on the write path instead."""
+
+
 @dataclass
 class Context:
     """What a handler may use: the transaction's session (for storage calls only), settings,
-    a reader-link signer and the idempotency key of this delivery."""
+    a reader-link signer and the idempotency key of this delivery.
+
+    ``read_only`` is the webhook's fast path: the session cannot write, only handlers marked
+    ``@reads_only`` may run, and the one write such a reply needs (the new-issue notice) is
+    left in ``deferred_notice`` for the webhook to store with the delivery's claim."""
 
     session: Session
     settings: Settings
     make_link: LinkMaker
     key: str
     now: datetime
+    read_only: bool = False
+    deferred_notice: int | None = None
     _current: IssuePreview | Literal[False] | None = field(default=False, repr=False)
+    _standing: dict[tuple[str, int | None], Standing] = field(default_factory=dict, repr=False)
 
     def current_issue(self) -> IssuePreview | None:
         """The most recently published issue, looked up once per message."""
@@ -74,6 +86,15 @@ class Context:
             self._current = issues.current_issue(self.session,
                                                  default_free_percent=self.free_percent)
         return self._current
+
+    def standing(self, openid: str, issue_number: int | None) -> Standing:
+        """Balance, unlock and notice of ``openid`` for one issue, looked up once per message."""
+        key = (openid, issue_number)
+        found = self._standing.get(key)
+        if found is None:
+            found = self._standing[key] = subscribers.standing(
+                self.session, openid=openid, issue_number=issue_number)
+        return found
 
     @property
     def unit(self) -> str:
@@ -85,6 +106,15 @@ class Context:
 
 
 Handler = Callable[[Context, Incoming, "re.Match[str] | None"], Reply | None]
+
+_READS_ONLY = "_newsbot_reads_only"
+
+
+def reads_only(fn: Handler) -> Handler:
+    """Mark a handler that only reads, so the webhook may answer it without taking a write
+    lock. Put it nearest the ``def`` (below the route decorators)."""
+    setattr(fn, _READS_ONLY, True)
+    return fn
 
 
 def normalize(text: str) -> str:
@@ -161,6 +191,8 @@ class Router:
                     continue
             elif route.msg_types and msg.msg_type not in route.msg_types:
                 continue
+            if ctx.read_only and not getattr(route.handler, _READS_ONLY, False):
+                raise NeedsWrite(route.handler.__name__)
             reply = route.handler(ctx, msg, match)
             if reply is not None:
                 return reply

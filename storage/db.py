@@ -38,6 +38,13 @@ def make_engine(url: str, *, pool_size: int = 10, pooled: bool = True) -> Engine
         _tune_sqlite(engine)
         if parsed.database and parsed.database != ":memory:":
             _GATES[engine] = _WriteGate(str(Path(parsed.database).resolve()))
+            # Read-only transactions get connections of their own, opened with query_only, so
+            # a pooled connection never has to be switched between the two kinds.
+            readers = create_engine(
+                url, connect_args={"check_same_thread": False, "timeout": 30}, **extra)
+            _tune_sqlite(readers, query_only=True)
+            setattr(engine, _READ_ONLY_ATTR, readers)
+            event.listen(engine, "engine_disposed", lambda _engine: readers.dispose())
         return engine
     if pooled:
         # No pre-ping round trip per checkout (it cost 12 % of a webhook request): stale
@@ -47,7 +54,7 @@ def make_engine(url: str, *, pool_size: int = 10, pooled: bool = True) -> Engine
     return create_engine(url, **extra)
 
 
-def _tune_sqlite(engine: Engine) -> None:
+def _tune_sqlite(engine: Engine, *, query_only: bool = False) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Take transaction control from pysqlite so BEGIN IMMEDIATE below is honoured.
@@ -57,6 +64,8 @@ def _tune_sqlite(engine: Engine) -> None:
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA busy_timeout=30000")
+        if query_only:  # the database refuses any write made through this engine
+            cur.execute("PRAGMA query_only=1")
         cur.close()
 
     @event.listens_for(engine, "begin")
@@ -64,7 +73,7 @@ def _tune_sqlite(engine: Engine) -> None:
         # Writing transactions take the write lock up front: concurrent writers queue on the
         # busy timeout instead of failing with "database is locked" on a lock upgrade.
         # Read-only ones (reader pages) need no lock at all under WAL.
-        read_only = conn.get_execution_options().get(READ_ONLY, False)
+        read_only = query_only or conn.get_execution_options().get(READ_ONLY, False)
         conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
@@ -123,12 +132,30 @@ def transaction(engine: Engine) -> Iterator[Session]:
 
 @contextmanager
 def read_only(engine: Engine) -> Iterator[Session]:
-    """A transaction that only reads; it is rolled back at the end, never committed."""
-    with Session(engine.execution_options(**{READ_ONLY: True})) as session:
+    """A transaction that only reads; it is rolled back at the end, never committed. The
+    database refuses writes in it (SQLite query_only, PostgreSQL READ ONLY), and on SQLite it
+    takes no write lock, so it never waits for writers."""
+    with Session(_read_only_engine(engine)) as session:
         try:
             yield session
         finally:
             session.rollback()
+
+
+_READ_ONLY_ATTR = "_newsbot_read_only"
+
+
+def _read_only_engine(engine: Engine) -> Engine:
+    """Where read-only transactions run: a SQLite file's query_only twin (see make_engine),
+    else the engine with read-only options, made once and kept on the engine."""
+    ro: Engine | None = getattr(engine, _READ_ONLY_ATTR, None)
+    if ro is None:
+        options: dict[str, Any] = {READ_ONLY: True}
+        if engine.dialect.name == "postgresql":
+            options["postgresql_readonly"] = True  # BEGIN READ ONLY, no extra round trip
+        ro = engine.execution_options(**options)
+        setattr(engine, _READ_ONLY_ATTR, ro)
+    return ro
 
 
 def run_in_transaction(engine: Engine, fn: Callable[[Session], T], *, attempts: int = 3) -> T:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from sqlalchemy import bindparam, literal_column
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, select, update
 
 from storage.models import InboundMessage, utcnow
@@ -47,3 +49,27 @@ def record(session: Session, *, key: str, openid: str, reply_json: str) -> None:
     """Store a reply given outside the normal path (the error reply), unless one exists."""
     if claim(session, key=key, openid=openid).state == "new":
         finish(session, key=key, reply_json=reply_json)
+
+
+# Prebuilt per dialect: the read path's single write.
+_DONE_CLAIMS = {
+    name: module.insert(_INBOX).values(
+        dedupe_key=bindparam("key"), openid=bindparam("openid"), status="done",
+        reply_json=bindparam("reply"), created_at=bindparam("now"),
+        finished_at=bindparam("now"),
+    ).on_conflict_do_nothing().returning(literal_column("1"))
+    for name, module in (("sqlite", sqlite), ("postgresql", postgresql))
+}
+
+
+def claim_done(session: Session, *, key: str, openid: str, reply_json: str) -> Claim:
+    """Claim a delivery whose reply was computed before the claim (a handler that only reads):
+    ``new`` when this call stored it, else the first delivery's reply."""
+    conn = session.connection()
+    now = utcnow()
+    if conn.execute(_DONE_CLAIMS[conn.dialect.name], {
+            "key": key, "openid": openid, "reply": reply_json, "now": now}).first():
+        return Claim("new")
+    reply = conn.execute(
+        select(_INBOX.c.reply_json).where(_INBOX.c.dedupe_key == key)).scalar()
+    return Claim("done", reply)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement
+from sqlalchemy import ColumnElement, bindparam
 from sqlalchemy import select as sa_select
 from sqlalchemy.orm import defer
 from sqlmodel import Session, col, select
@@ -117,16 +117,38 @@ def _published(now: datetime | None = None) -> ColumnElement[bool]:
     return col(Issue.published_at).is_not(None) & (col(Issue.published_at) <= (now or utcnow()))
 
 
+# The hot-path query: which issue is current, and a version of it, without its texts.
+_CURRENT = (
+    sa_select(_ISSUE.number, _ISSUE.updated_at, _ISSUE.published_at, _ISSUE.source_sha256)
+    .where(_ISSUE.published_at.is_not(None), _ISSUE.published_at <= bindparam("now"))
+    .order_by(_ISSUE.published_at.desc(), _ISSUE.number.desc()).limit(1)
+)
+_BY_NUMBER = sa_select(*_PREVIEW_COLUMNS).where(_ISSUE.number == bindparam("number"))
+# Previews of the current issue, per process, keyed by everything that changes when the issue
+# does (re-import: content hash and updated_at; publish: published_at), so no process can serve
+# a stale one. Tiny: a new key appears only when an operator changes an issue.
+_current_cache: dict[tuple[Any, ...], IssuePreview] = {}
+
+
 def current_issue(session: Session, *, default_free_percent: int,
                   now: datetime | None = None) -> IssuePreview | None:
-    """The most recently published issue (publication time, then number). A Core query for the
-    preview columns: it runs on nearly every message."""
-    row = session.connection().execute(
-        sa_select(*_PREVIEW_COLUMNS)
-        .where(_ISSUE.published_at.is_not(None), _ISSUE.published_at <= (now or utcnow()))
-        .order_by(_ISSUE.published_at.desc(), _ISSUE.number.desc()).limit(1)
-    ).first()
-    return None if row is None else _preview(row, default_free_percent)
+    """The most recently published issue (publication time, then number). It runs on nearly
+    every message: one small indexed query, the preview itself comes from the cache."""
+    conn = session.connection()
+    row = conn.execute(_CURRENT, {"now": now or utcnow()}).first()
+    if row is None:
+        return None
+    key = (*row, default_free_percent)
+    preview = _current_cache.get(key)
+    if preview is None:
+        full = conn.execute(_BY_NUMBER, {"number": row.number}).first()
+        if full is None:  # deleted between the two statements: nothing to show
+            return None
+        preview = _preview(full, default_free_percent)
+        if len(_current_cache) > 32:
+            _current_cache.clear()
+        _current_cache[key] = preview
+    return preview
 
 
 def get_issue(session: Session, *, number: int, default_free_percent: int,

@@ -3,14 +3,16 @@ records and stay, so a returning reader finds everything as they left it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func
+from sqlalchemy import bindparam, exists, func
+from sqlalchemy import select as sa_select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select, update
 
 from storage.errors import UnknownSubscriber
-from storage.models import Subscriber, utcnow
+from storage.models import Entitlement, IssueNotice, Subscriber, utcnow
 from storage.sql import insert_ignore
 
 
@@ -78,3 +80,34 @@ def add_followers(session: Session, *, openids: list[str], at: datetime | None =
                                              col(Subscriber.subscribed).is_(False))
                     .values(subscribed=True, subscribed_at=now))
     return count_subscribers(session) - before
+
+
+@dataclass(frozen=True)
+class Standing:
+    """What a reply needs to know about its reader, relative to one issue."""
+
+    known: bool  # has a subscriber row (and so a balance)
+    balance: int
+    unlocked: bool  # holds the entitlement to the issue
+    notified: bool  # has been told the issue is out (broadcast mode "off")
+
+
+_SUB = Subscriber.__table__.c  # type: ignore[attr-defined]
+_ENT = Entitlement.__table__.c  # type: ignore[attr-defined]
+_NOTICE = IssueNotice.__table__.c  # type: ignore[attr-defined]
+# One statement instead of three: it runs on nearly every message.
+_STANDING = sa_select(
+    sa_select(_SUB.balance).where(_SUB.openid == bindparam("openid")).scalar_subquery(),
+    exists().where(_ENT.openid == bindparam("openid"),
+                   _ENT.issue_number == bindparam("issue")),
+    exists().where(_NOTICE.openid == bindparam("openid"),
+                   _NOTICE.issue_number == bindparam("issue")),
+)
+
+
+def standing(session: Session, *, openid: str, issue_number: int | None) -> Standing:
+    balance, unlocked, notified = session.connection().execute(
+        _STANDING, {"openid": openid, "issue": -1 if issue_number is None else issue_number}
+    ).one()
+    return Standing(known=balance is not None, balance=int(balance or 0),
+                    unlocked=bool(unlocked), notified=bool(notified))
