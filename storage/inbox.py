@@ -54,9 +54,10 @@ def record(session: Session, *, key: str, openid: str, reply_json: str) -> None:
 # Prebuilt per dialect: the read path's single write.
 _DONE_CLAIMS = {
     name: module.insert(_INBOX).values(
-        dedupe_key=bindparam("key"), openid=bindparam("openid"), status="done",
-        reply_json=bindparam("reply"), created_at=bindparam("now"),
-        finished_at=bindparam("now"),
+        # Bind names differ from the column names, which SQLAlchemy reserves in VALUES.
+        dedupe_key=bindparam("b_key"), openid=bindparam("b_openid"), status="done",
+        reply_json=bindparam("b_reply"), created_at=bindparam("b_now"),
+        finished_at=bindparam("b_now"),
     ).on_conflict_do_nothing().returning(literal_column("1"))
     for name, module in (("sqlite", sqlite), ("postgresql", postgresql))
 }
@@ -68,7 +69,7 @@ def claim_done(session: Session, *, key: str, openid: str, reply_json: str) -> C
     conn = session.connection()
     now = utcnow()
     if conn.execute(_DONE_CLAIMS[conn.dialect.name], {
-            "key": key, "openid": openid, "reply": reply_json, "now": now}).first():
+            "b_key": key, "b_openid": openid, "b_reply": reply_json, "b_now": now}).first():
         return Claim("new")
     reply = conn.execute(
         select(_INBOX.c.reply_json).where(_INBOX.c.dedupe_key == key)).scalar()
