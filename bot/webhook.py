@@ -41,8 +41,9 @@ from handlers.router import (
     Text,
     normalize,
 )
-from storage import broadcasts, inbox, subscribers
+from storage import inbox, subscribers
 from storage.db import read_only, run_in_transaction
+from storage.fastpath import FastPath, NoticeTaken
 from storage.models import utcnow
 
 log = logging.getLogger("newsbot.webhook")
@@ -55,10 +56,6 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 # What a logged message type may contain: WeChat's types and event names are short identifiers.
 _LOG_TYPE = re.compile(r"[^a-z0-9_.:-]")
 MAX_NONCE_CHARS = 128
-
-
-class _NoticeTaken(Exception):
-    """The read path's new-issue note was shown by a concurrent message of the same reader."""
 
 
 class BadRequest(Exception):
@@ -239,6 +236,7 @@ class Webhook:
         self.links = ReaderLinks(settings)
         self.routers = routers
         self.crypto = crypto_from_settings(settings)
+        self.fast = FastPath(engine)
 
     def install(self, app: bottle.Bottle) -> None:
         path = self.settings.server.webhook_path
@@ -348,7 +346,7 @@ class Webhook:
     def _reply_for(self, delivery: Delivery, request_id: str) -> tuple[Reply, str]:
         try:
             answered = self._answer_reading(delivery)
-        except (NeedsWrite, _NoticeTaken):
+        except (NeedsWrite, NoticeTaken):
             answered = None
         except Exception:
             # E.g. a write attempted by a handler marked @reads_only (the session refuses it).
@@ -370,33 +368,29 @@ class Webhook:
 
     def _answer_reading(self, delivery: Delivery) -> tuple[Reply, str] | None:
         """The fast path for messages whose handler only reads (本周, 余额, 试读, 帮助 …): the
-        reply is computed in a read-only transaction, which on SQLite takes no write lock,
-        then the claim and the reply are stored with one INSERT, so a message holds the write
-        lock for one statement instead of its whole handler. ``None`` when the message needs
-        the write path (a handler that writes, a subscriber not yet known); NeedsWrite or
-        _NoticeTaken when that turns out on the way."""
+        reply is computed from read-only connections, which on SQLite take no write lock,
+        then the claim and the reply are stored with one INSERT (storage.fastpath), so a
+        message holds the write lock for one statement instead of its whole handler. ``None``
+        when the message needs the write path (a subscriber not yet known); NeedsWrite (a
+        handler that writes) or NoticeTaken when that turns out on the way."""
         msg = delivery.incoming
-        with read_only(self.engine) as session:
-            ctx = Context(session=session, settings=self.settings, make_link=self.links,
-                          key=delivery.idempotency_key, now=utcnow(), read_only=True)
-            current = ctx.current_issue()
-            if not ctx.standing(msg.openid, current.number if current else None).known:
-                return None  # the write path creates the subscriber first
-            reply = handlers.dispatch(ctx, msg, self.routers)
-            notice = ctx.deferred_notice
-        reply_json = reply_to_json(reply)
-
-        def store(session: Session) -> tuple[Reply, str]:
-            claim = inbox.claim_done(session, key=delivery.dedupe_key, openid=msg.openid,
-                                     reply_json=reply_json)
-            if claim.state == "done":  # WeChat's retry of a message answered before
-                return reply_from_json(claim.reply_json), "duplicate"
-            if notice is not None and not broadcasts.mark_notified(
-                    session, openid=msg.openid, issue_number=notice):
-                raise _NoticeTaken  # another message showed the note first: roll back, redo
-            return reply, "ok"
-
-        return run_in_transaction(self.engine, store)
+        with self.fast.reading() as reads:
+            ctx = Context(settings=self.settings, make_link=self.links,
+                          key=delivery.idempotency_key, now=utcnow(), read_only=True,
+                          fast=reads, open_session=lambda: read_only(self.engine))
+            try:
+                current = ctx.current_issue()
+                if not ctx.standing(msg.openid, current.number if current else None).known:
+                    return None  # the write path creates the subscriber first
+                reply = handlers.dispatch(ctx, msg, self.routers)
+            finally:
+                ctx.close()
+        claim = self.fast.store_reply(key=delivery.dedupe_key, openid=msg.openid,
+                                      reply_json=reply_to_json(reply), now=ctx.now,
+                                      notice_issue=ctx.deferred_notice)
+        if claim.state == "done":  # WeChat's retry of a message answered before
+            return reply_from_json(claim.reply_json), "duplicate"
+        return reply, "ok"
 
     def _handle(self, session: Session, delivery: Delivery) -> tuple[Reply, str]:
         """Claim, side effects and the stored reply in one transaction, so a crash leaves none
@@ -409,7 +403,7 @@ class Webhook:
             return reply_from_json(claim.reply_json), "duplicate"
         if msg.event not in SYSTEM_EVENTS:  # those come from WeChat itself, not a follower
             subscribers.ensure_subscriber(session, openid=msg.openid)
-        ctx = Context(session=session, settings=self.settings, make_link=self.links,
+        ctx = Context(db=session, settings=self.settings, make_link=self.links,
                       key=delivery.idempotency_key, now=utcnow())
         reply = handlers.dispatch(ctx, msg, self.routers)
         inbox.finish(session, key=delivery.dedupe_key, reply_json=reply_to_json(reply))

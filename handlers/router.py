@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
@@ -61,30 +62,64 @@ class NeedsWrite(Exception):
     """The message needs a handler that writes: answer it on the write path instead."""
 
 
+class FastReads(Protocol):
+    """The per-message reads of the webhook's fast path (storage.fastpath.Reads)."""
+
+    def current_issue(self, *, now: datetime,
+                      default_free_percent: int) -> IssuePreview | None: ...
+
+    def standing(self, *, openid: str, issue_number: int | None) -> Standing: ...
+
+
 @dataclass
 class Context:
     """What a handler may use: the transaction's session (for storage calls only), settings,
     a reader-link signer and the idempotency key of this delivery.
 
-    ``read_only`` is the webhook's fast path: the session cannot write, only handlers marked
-    ``@reads_only`` may run, and the one write such a reply needs (the new-issue notice) is
-    left in ``deferred_notice`` for the webhook to store with the delivery's claim."""
+    ``read_only`` is the webhook's fast path: only handlers marked ``@reads_only`` may run,
+    the current issue and the reader's standing come from ``fast``, a read-only session is
+    opened only if a handler asks for ``session``, and the one write such a reply may need
+    (the new-issue notice) is left in ``deferred_notice`` for the webhook to store with the
+    delivery's claim."""
 
-    session: Session
     settings: Settings
     make_link: LinkMaker
     key: str
     now: datetime
+    db: Session | None = None
     read_only: bool = False
+    fast: FastReads | None = None
+    open_session: Callable[[], AbstractContextManager[Session]] | None = None
     deferred_notice: int | None = None
+    _opened: tuple[AbstractContextManager[Session], Session] | None = field(
+        default=None, repr=False)
     _current: IssuePreview | Literal[False] | None = field(default=False, repr=False)
     _standing: dict[tuple[str, int | None], Standing] = field(default_factory=dict, repr=False)
+
+    @property
+    def session(self) -> Session:
+        if self.db is not None:
+            return self.db
+        if self._opened is None:
+            assert self.open_session is not None, "a Context needs db or open_session"
+            manager = self.open_session()
+            self._opened = (manager, manager.__enter__())
+        return self._opened[1]
+
+    def close(self) -> None:
+        """End the session opened on demand, if any."""
+        if self._opened is not None:
+            manager, self._opened = self._opened[0], None
+            manager.__exit__(None, None, None)
 
     def current_issue(self) -> IssuePreview | None:
         """The most recently published issue, looked up once per message."""
         if self._current is False:
-            self._current = issues.current_issue(self.session,
-                                                 default_free_percent=self.free_percent)
+            self._current = (
+                self.fast.current_issue(now=self.now, default_free_percent=self.free_percent)
+                if self.fast is not None else
+                issues.current_issue(self.session, default_free_percent=self.free_percent,
+                                     now=self.now))
         return self._current
 
     def standing(self, openid: str, issue_number: int | None) -> Standing:
@@ -92,8 +127,10 @@ class Context:
         key = (openid, issue_number)
         found = self._standing.get(key)
         if found is None:
-            found = self._standing[key] = subscribers.standing(
-                self.session, openid=openid, issue_number=issue_number)
+            found = self._standing[key] = (
+                self.fast.standing(openid=openid, issue_number=issue_number)
+                if self.fast is not None else
+                subscribers.standing(self.session, openid=openid, issue_number=issue_number))
         return found
 
     @property

@@ -8,7 +8,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +22,7 @@ from storage import models  # noqa: F401  (registers the tables on SQLModel.meta
 
 T = TypeVar("T")
 READ_ONLY = "newsbot_read_only"
+_READ_ONLY_ATTR = "_newsbot_read_only"
 
 
 def make_engine(url: str, *, pool_size: int = 10, pooled: bool = True) -> Engine:
@@ -43,15 +44,27 @@ def make_engine(url: str, *, pool_size: int = 10, pooled: bool = True) -> Engine
             readers = create_engine(
                 url, connect_args={"check_same_thread": False, "timeout": 30}, **extra)
             _tune_sqlite(readers, query_only=True)
-            setattr(engine, _READ_ONLY_ATTR, readers)
-            event.listen(engine, "engine_disposed", lambda _engine: readers.dispose())
+            _attach_readers(engine, readers)
         return engine
     if pooled:
         # No pre-ping round trip per checkout (it cost 12 % of a webhook request): stale
         # connections are recycled, and a dropped one fails once and is retried (see
         # run_in_transaction), after SQLAlchemy has invalidated the pool.
         extra = {"pool_size": pool_size, "max_overflow": pool_size, "pool_recycle": 1800}
-    return create_engine(url, **extra)
+    engine = create_engine(url, **extra)
+    # Readers: autocommit (a lone SELECT needs no BEGIN/ROLLBACK round trips) and refused
+    # any write by the server itself. Added to the URL's own libpq options, if any.
+    options = " ".join(filter(None, [str(parsed.query.get("options") or ""),
+                                     "-c default_transaction_read_only=on"]))
+    readers = create_engine(parsed.update_query_dict({"options": options}),
+                            isolation_level="AUTOCOMMIT", **extra)
+    _attach_readers(engine, readers)
+    return engine
+
+
+def _attach_readers(engine: Engine, readers: Engine) -> None:
+    setattr(engine, _READ_ONLY_ATTR, readers)
+    event.listen(engine, "engine_disposed", lambda _engine: readers.dispose())
 
 
 def _tune_sqlite(engine: Engine, *, query_only: bool = False) -> None:
@@ -135,25 +148,25 @@ def read_only(engine: Engine) -> Iterator[Session]:
     """A transaction that only reads; it is rolled back at the end, never committed. The
     database refuses writes in it (SQLite query_only, PostgreSQL READ ONLY), and on SQLite it
     takes no write lock, so it never waits for writers."""
-    with Session(_read_only_engine(engine)) as session:
+    with Session(read_only_engine(engine)) as session:
         try:
             yield session
         finally:
             session.rollback()
 
 
-_READ_ONLY_ATTR = "_newsbot_read_only"
+def write_gate(engine: Engine) -> AbstractContextManager[None]:
+    """Queue behind the other writers of a SQLite file (nothing to do on PostgreSQL)."""
+    gate = _GATES.get(engine)
+    return gate.hold() if gate is not None else nullcontext()
 
 
-def _read_only_engine(engine: Engine) -> Engine:
-    """Where read-only transactions run: a SQLite file's query_only twin (see make_engine),
-    else the engine with read-only options, made once and kept on the engine."""
+def read_only_engine(engine: Engine) -> Engine:
+    """Where read-only work runs: the readers engine made with it (a SQLite file's query_only
+    twin, PostgreSQL's read-only autocommit pool), else the engine with read-only options."""
     ro: Engine | None = getattr(engine, _READ_ONLY_ATTR, None)
     if ro is None:
-        options: dict[str, Any] = {READ_ONLY: True}
-        if engine.dialect.name == "postgresql":
-            options["postgresql_readonly"] = True  # BEGIN READ ONLY, no extra round trip
-        ro = engine.execution_options(**options)
+        ro = engine.execution_options(**{READ_ONLY: True})
         setattr(engine, _READ_ONLY_ATTR, ro)
     return ro
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from sqlalchemy import bindparam, literal_column
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, select, update
 
 from storage.models import InboundMessage, utcnow
@@ -50,27 +48,3 @@ def record(session: Session, *, key: str, openid: str, reply_json: str) -> None:
     if claim(session, key=key, openid=openid).state == "new":
         finish(session, key=key, reply_json=reply_json)
 
-
-# Prebuilt per dialect: the read path's single write.
-_DONE_CLAIMS = {
-    name: module.insert(_INBOX).values(
-        # Bind names differ from the column names, which SQLAlchemy reserves in VALUES.
-        dedupe_key=bindparam("b_key"), openid=bindparam("b_openid"), status="done",
-        reply_json=bindparam("b_reply"), created_at=bindparam("b_now"),
-        finished_at=bindparam("b_now"),
-    ).on_conflict_do_nothing().returning(literal_column("1"))
-    for name, module in (("sqlite", sqlite), ("postgresql", postgresql))
-}
-
-
-def claim_done(session: Session, *, key: str, openid: str, reply_json: str) -> Claim:
-    """Claim a delivery whose reply was computed before the claim (a handler that only reads):
-    ``new`` when this call stored it, else the first delivery's reply."""
-    conn = session.connection()
-    now = utcnow()
-    if conn.execute(_DONE_CLAIMS[conn.dialect.name], {
-            "b_key": key, "b_openid": openid, "b_reply": reply_json, "b_now": now}).first():
-        return Claim("new")
-    reply = conn.execute(
-        select(_INBOX.c.reply_json).where(_INBOX.c.dedupe_key == key)).scalar()
-    return Claim("done", reply)

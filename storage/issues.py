@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, bindparam
+from sqlalchemy import ColumnElement, Connection, Engine, bindparam
 from sqlalchemy import select as sa_select
 from sqlalchemy.orm import defer
 from sqlmodel import Session, col, select
@@ -19,6 +19,7 @@ from storage.content import ParsedIssue, Topic, topics_from_json, topics_to_json
 from storage.errors import UnknownIssue
 from storage.ledger import has_entitlement
 from storage.models import Issue, utcnow
+from storage.sql import connection_of
 
 
 @dataclass(frozen=True)
@@ -130,24 +131,35 @@ _BY_NUMBER = sa_select(*_PREVIEW_COLUMNS).where(_ISSUE.number == bindparam("numb
 _current_cache: dict[tuple[Any, ...], IssuePreview] = {}
 
 
-def current_issue(session: Session, *, default_free_percent: int,
+def current_issue(db: Session | Connection, *, default_free_percent: int,
                   now: datetime | None = None) -> IssuePreview | None:
-    """The most recently published issue (publication time, then number). It runs on nearly
-    every message: one small indexed query, the preview itself comes from the cache."""
-    conn = session.connection()
+    """The most recently published issue (publication time, then number): one small indexed
+    query, the preview itself from the cache."""
+    conn = connection_of(db)
     row = conn.execute(_CURRENT, {"now": now or utcnow()}).first()
     if row is None:
         return None
-    key = (*row, default_free_percent)
-    preview = _current_cache.get(key)
+    return preview_by_number(conn, version=(*row, default_free_percent), number=row.number,
+                             default_free_percent=default_free_percent)
+
+
+def preview_by_number(db: Engine | Connection, *, version: tuple[Any, ...], number: int,
+                      default_free_percent: int) -> IssuePreview | None:
+    """The preview of issue ``number`` as of ``version`` (see ``_current_cache``), loaded
+    through ``db`` when this process has not seen that version yet."""
+    preview = _current_cache.get(version)
     if preview is None:
-        full = conn.execute(_BY_NUMBER, {"number": row.number}).first()
-        if full is None:  # deleted between the two statements: nothing to show
+        if isinstance(db, Engine):
+            with db.connect() as conn:
+                full = conn.execute(_BY_NUMBER, {"number": number}).first()
+        else:
+            full = db.execute(_BY_NUMBER, {"number": number}).first()
+        if full is None:  # deleted since the version was read: nothing to show
             return None
         preview = _preview(full, default_free_percent)
         if len(_current_cache) > 32:
             _current_cache.clear()
-        _current_cache[key] = preview
+        _current_cache[version] = preview
     return preview
 
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import bindparam, exists, func
+from sqlalchemy import Connection, bindparam, exists, func
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select, update
 
 from storage.errors import UnknownSubscriber
 from storage.models import Entitlement, IssueNotice, Subscriber, utcnow
-from storage.sql import insert_ignore
+from storage.sql import connection_of, insert_ignore
 
 
 def ensure_subscriber(session: Session, *, openid: str, at: datetime | None = None) -> bool:
@@ -105,8 +105,8 @@ _STANDING = sa_select(
 )
 
 
-def standing(session: Session, *, openid: str, issue_number: int | None) -> Standing:
-    balance, unlocked, notified = session.connection().execute(
+def standing(db: Session | Connection, *, openid: str, issue_number: int | None) -> Standing:
+    balance, unlocked, notified = connection_of(db).execute(
         _STANDING, {"openid": openid, "issue": -1 if issue_number is None else issue_number}
     ).one()
     return Standing(known=balance is not None, balance=int(balance or 0),
