@@ -30,7 +30,11 @@ def make_engine(url: str, *, pool_size: int = 10, pooled: bool = True) -> Engine
     transactions; PostgreSQL gets a checked pool. ``pooled=False`` keeps no idle connections
     (for a process that forks, like the gunicorn master)."""
     parsed = make_url(url)
-    extra: dict[str, Any] = {} if pooled else {"poolclass": NullPool}
+    # Statement parameters hold openids and reply texts: keep them out of error messages,
+    # which end up in the logs.
+    extra: dict[str, Any] = {"hide_parameters": True}
+    if not pooled:
+        extra["poolclass"] = NullPool
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
@@ -50,7 +54,7 @@ def make_engine(url: str, *, pool_size: int = 10, pooled: bool = True) -> Engine
         # No pre-ping round trip per checkout (it cost 12 % of a webhook request): stale
         # connections are recycled, and a dropped one fails once and is retried (see
         # run_in_transaction), after SQLAlchemy has invalidated the pool.
-        extra = {"pool_size": pool_size, "max_overflow": pool_size, "pool_recycle": 1800}
+        extra |= {"pool_size": pool_size, "max_overflow": pool_size, "pool_recycle": 1800}
     engine = create_engine(url, **extra)
     # Readers: autocommit (a lone SELECT needs no BEGIN/ROLLBACK round trips) and refused
     # any write by the server itself. Added to the URL's own libpq options, if any.
