@@ -30,7 +30,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, inspect, text
 from sqlmodel import SQLModel
 
-from storage.db import READ_ONLY, make_engine
+from storage.db import READ_ONLY, make_engine, write_gate
 
 log = logging.getLogger("newsbot.schema")
 
@@ -181,7 +181,9 @@ def upgrade(target: Engine | str) -> None:
 
 
 def _upgrade(engine: Engine) -> None:
-    with engine.begin() as conn:
+    # On SQLite, concurrent upgraders queue on the write gate like every writer: left to
+    # SQLite, switching a new file to WAL can fail at once with "database is locked".
+    with write_gate(engine), engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
         before = _revision(conn)
