@@ -78,6 +78,7 @@ class FastPath:
         self.readers = storage_db.read_only_engine(engine)
         self._d = _dialect(engine)
         self._postgres = engine.dialect.name == "postgresql"
+        self._driver_error: type[Exception] = engine.dialect.loaded_dbapi.Error
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -86,6 +87,9 @@ class FastPath:
         raw = self.readers.raw_connection()
         try:
             yield Reads(self, raw)
+        except self._driver_error as exc:
+            _discard(self.readers, raw, exc)
+            raise
         finally:
             raw.close()
 
@@ -139,11 +143,23 @@ class FastPath:
                     dbapi.autocommit = False  # as SQLAlchemy expects its pooled connections
         except NoticeTaken:
             raise  # rolled back cleanly above: the connection is fine
-        except BaseException:
-            raw.invalidate()  # its state is unknown: never hand it to the next user
+        except BaseException as exc:
+            _discard(self.engine, raw, exc)  # its state is unknown: never hand it on
             raise
         finally:
             raw.close()
+
+
+def _discard(engine: Engine, raw: PoolProxiedConnection, exc: BaseException) -> None:
+    """Drop a connection that failed. If the server went away (a restart, a failover), drop
+    the whole pool too, as SQLAlchemy does for its own statements: the other pooled
+    connections are dead as well, and each would otherwise fail one more message first."""
+    error: Any = exc
+    disconnected = isinstance(exc, engine.dialect.loaded_dbapi.Error) and \
+        engine.dialect.is_disconnect(error, raw.dbapi_connection, None)
+    raw.invalidate()
+    if disconnected:
+        engine.dispose()
 
 
 class Reads:

@@ -160,3 +160,26 @@ def test_a_changed_or_newly_published_issue_is_never_served_stale(engine: Engine
         assert "第一期新标题" in user.send("本周")["content"]
         add_issue(engine, 2, price=30, title="第二期")  # published
         assert "第二期" in user.send("本周")["content"]
+
+
+def test_answers_survive_postgresql_dropping_every_connection(
+        engine: Engine, pg_admin: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    """A server restart or failover: the pooled connections (readers and writers) are dead.
+    The next messages still get their answers, and the fast path recovers."""
+    add_issue(engine, 1, price=30)
+    topup(engine, READER, 40)
+    with client(make_settings(), engine) as http:
+        user = WeChatUser(http, READER)
+        for _ in range(3):  # both pools now hold connections
+            assert "40 豆" in user.send("本周")["content"]
+        with pg_admin.connect() as conn:
+            killed = conn.execute(text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = :app"), {"app": engine.url.query["application_name"]}
+            ).scalar_one()
+        assert killed >= 2
+        with caplog.at_level(logging.WARNING, logger="newsbot.webhook"):
+            replies = [user.send("本周")["content"] for _ in range(4)]
+    assert all("40 豆" in r for r in replies), replies
+    fell_back = [r for r in caplog.records if "read path failed" in r.getMessage()]
+    assert len(fell_back) <= 1  # the pool was renewed after the first failure
