@@ -59,9 +59,10 @@ def read(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
     item = _target(ctx, issue_arg(match))
     if item.is_free:
         return _full_text_news(ctx, msg.openid, item, "本期免费阅读。")
-    if ledger.has_entitlement(ctx.session, openid=msg.openid, issue_number=item.number):
+    standing = ctx.standing(msg.openid, item.number)
+    if standing.unlocked:
         return _full_text_news(ctx, msg.openid, item, "你已解锁本期。")
-    balance = ledger.get_balance(ctx.session, openid=msg.openid)
+    balance = standing.balance
     lines = [
         f"{issue_heading(item)} 尚未解锁。",
         f"价格 {item.price} {ctx.unit}｜你的余额 {balance} {ctx.unit}",
