@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Connection, func
+from sqlalchemy import func
 from sqlmodel import Session, col, select, update
 
 from storage.models import (
@@ -144,9 +144,9 @@ def record_job_finish(session: Session, *, msg_id: int, status: str, total: int 
     return inserted
 
 
-def mark_notified(db: Session | Connection, *, openid: str, issue_number: int) -> bool:
+def mark_notified(session: Session, *, openid: str, issue_number: int) -> bool:
     """True the first time only: the subscriber has now been told issue N is out."""
-    return insert_ignore(db, IssueNotice, {"openid": openid, "issue_number": issue_number,
+    return insert_ignore(session, IssueNotice, {"openid": openid, "issue_number": issue_number,
                                                 "created_at": utcnow()})
 
 

@@ -26,19 +26,14 @@ from sqlalchemy.pool import PoolProxiedConnection
 
 from storage import db as storage_db
 from storage.inbox import Claim
-from storage.issues import IssuePreview, preview_by_number
+from storage.issues import CURRENT_SQL, IssuePreview, preview_by_number
 from storage.models import InboundMessage
-from storage.subscribers import Standing
+from storage.subscribers import STANDING_SQL, Standing, standing_from_row, standing_params
 
+# The reads are the storage modules' own statements; the writes exist only here.
 _STATEMENTS = {
-    "current": "SELECT number, updated_at, published_at, source_sha256 FROM issue"
-               " WHERE published_at IS NOT NULL AND published_at <= :now"
-               " ORDER BY published_at DESC, number DESC LIMIT 1",
-    "standing": "SELECT (SELECT balance FROM subscriber WHERE openid = :openid),"
-                " EXISTS (SELECT 1 FROM entitlement"
-                " WHERE openid = :openid AND issue_number = :issue),"
-                " EXISTS (SELECT 1 FROM issue_notice"
-                " WHERE openid = :openid AND issue_number = :issue)",
+    "current": CURRENT_SQL,
+    "standing": STANDING_SQL,
     "claim": "INSERT INTO inbound_message"
              " (dedupe_key, openid, status, reply_json, created_at, finished_at)"
              " VALUES (:key, :openid, 'done', :reply, :now, :now)"
@@ -185,7 +180,4 @@ class Reads:
                                  number=int(row[0]), default_free_percent=default_free_percent)
 
     def standing(self, *, openid: str, issue_number: int | None) -> Standing:
-        balance, unlocked, notified = self._one(
-            "standing", {"openid": openid, "issue": -1 if issue_number is None else issue_number})
-        return Standing(known=balance is not None, balance=int(balance or 0),
-                        unlocked=bool(unlocked), notified=bool(notified))
+        return standing_from_row(self._one("standing", standing_params(openid, issue_number)))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, Connection, Engine, bindparam
+from sqlalchemy import ColumnElement, Connection, Engine, bindparam, text
 from sqlalchemy import select as sa_select
 from sqlalchemy.orm import defer
 from sqlmodel import Session, col, select
@@ -18,8 +18,7 @@ from sqlmodel.sql.expression import SelectOfScalar
 from storage.content import ParsedIssue, Topic, topics_from_json, topics_to_json
 from storage.errors import UnknownIssue
 from storage.ledger import has_entitlement
-from storage.models import Issue, utcnow
-from storage.sql import connection_of
+from storage.models import Issue, UTCDateTime, utcnow
 
 
 @dataclass(frozen=True)
@@ -118,12 +117,14 @@ def _published(now: datetime | None = None) -> ColumnElement[bool]:
     return col(Issue.published_at).is_not(None) & (col(Issue.published_at) <= (now or utcnow()))
 
 
-# The hot-path query: which issue is current, and a version of it, without its texts.
-_CURRENT = (
-    sa_select(_ISSUE.number, _ISSUE.updated_at, _ISSUE.published_at, _ISSUE.source_sha256)
-    .where(_ISSUE.published_at.is_not(None), _ISSUE.published_at <= bindparam("now"))
-    .order_by(_ISSUE.published_at.desc(), _ISSUE.number.desc()).limit(1)
+# The hot-path query: which issue is current, and a version of it, without its texts. Plain
+# SQL with :name parameters, so storage.fastpath runs the very same text on the driver.
+CURRENT_SQL = (
+    "SELECT number, updated_at, published_at, source_sha256 FROM issue"
+    " WHERE published_at IS NOT NULL AND published_at <= :now"
+    " ORDER BY published_at DESC, number DESC LIMIT 1"
 )
+_CURRENT = text(CURRENT_SQL).bindparams(bindparam("now", type_=UTCDateTime()))
 _BY_NUMBER = sa_select(*_PREVIEW_COLUMNS).where(_ISSUE.number == bindparam("number"))
 # Previews of the current issue, per process, keyed by everything that changes when the issue
 # does (re-import: content hash and updated_at; publish: published_at), so no process can serve
@@ -131,15 +132,15 @@ _BY_NUMBER = sa_select(*_PREVIEW_COLUMNS).where(_ISSUE.number == bindparam("numb
 _current_cache: dict[tuple[Any, ...], IssuePreview] = {}
 
 
-def current_issue(db: Session | Connection, *, default_free_percent: int,
+def current_issue(session: Session, *, default_free_percent: int,
                   now: datetime | None = None) -> IssuePreview | None:
     """The most recently published issue (publication time, then number): one small indexed
     query, the preview itself from the cache."""
-    conn = connection_of(db)
+    conn = session.connection()
     row = conn.execute(_CURRENT, {"now": now or utcnow()}).first()
     if row is None:
         return None
-    return preview_by_number(conn, version=(*row, default_free_percent), number=row.number,
+    return preview_by_number(conn, version=(*row, default_free_percent), number=int(row[0]),
                              default_free_percent=default_free_percent)
 
 

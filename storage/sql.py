@@ -4,20 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, literal_column, text
+from sqlalchemy import literal_column, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session
 
 
-def connection_of(db: Session | Connection) -> Connection:
-    """The Core connection under either kind of transaction handle: the per-message path runs
-    on a bare Connection (a Session costs more than the statements it would run)."""
-    return db.connection() if isinstance(db, Session) else db
-
-
-def insert_ignore(db: Session | Connection, model: type[Any], values: dict[str, Any]) -> bool:
+def insert_ignore(session: Session, model: type[Any], values: dict[str, Any]) -> bool:
     """INSERT … ON CONFLICT DO NOTHING; True when the row was inserted by this call."""
-    conn = connection_of(db)
+    conn = session.connection()
     module = postgresql if conn.dialect.name == "postgresql" else sqlite
     # A Core statement on the table (the ORM-enabled form costs several times more per call on
     # the webhook's hot path), and RETURNING rather than rowcount, which psycopg may report as
