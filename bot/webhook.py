@@ -371,9 +371,11 @@ class Webhook:
         reply is computed from read-only connections, which on SQLite take no write lock,
         then the claim and the reply are stored with one INSERT (storage.fastpath), so a
         message holds the write lock for one statement instead of its whole handler. ``None``
-        when the message needs the write path (a subscriber not yet known); NeedsWrite (a
-        handler that writes) or NoticeTaken when that turns out on the way."""
+        when the message needs the write path (its first handler writes, or the subscriber is
+        not yet known); NeedsWrite or NoticeTaken when that turns out on the way."""
         msg = delivery.incoming
+        if handlers.first_route_writes(self.settings, msg, self.routers):
+            return None  # 兑换, follow/unfollow, operator commands, WeChat's reports …
         with self.fast.reading() as reads:
             ctx = Context(settings=self.settings, make_link=self.links,
                           key=delivery.idempotency_key, now=utcnow(), read_only=True,

@@ -4,9 +4,10 @@ every message gets an answer."""
 
 from __future__ import annotations
 
+from bot.settings import Settings
 from handlers import admin, balance, broadcast_events, help, issue, preview, redeem, subscription
 from handlers.errors import explain
-from handlers.router import Context, Incoming, Reply, Router, Text
+from handlers.router import Context, Incoming, Reply, Router, Text, reads_only_route
 from storage.errors import DomainError
 
 ROUTERS: tuple[Router, ...] = (
@@ -19,6 +20,16 @@ ROUTERS: tuple[Router, ...] = (
     balance.router,
     help.router,
 )
+
+
+def first_route_writes(settings: Settings, msg: Incoming,
+                       routers: tuple[Router, ...] = ROUTERS) -> bool:
+    """Whether the first handler to take ``msg`` writes: then the webhook's fast path would
+    only end in NeedsWrite, so it skips the reads it would have made first."""
+    for router in routers:
+        for route, _match in router.matching(settings, msg):
+            return not reads_only_route(route)
+    return False
 
 
 def dispatch(ctx: Context, msg: Incoming, routers: tuple[Router, ...] = ROUTERS) -> Reply:

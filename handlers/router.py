@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -209,13 +209,15 @@ class Router:
 
         return register
 
-    def handle(self, ctx: Context, msg: Incoming) -> Reply | None:
+    def matching(self, settings: Settings,
+                 msg: Incoming) -> Iterator[tuple[_Route, re.Match[str] | None]]:
+        """The routes that take ``msg``, in order, with their pattern's match."""
         for route in self.routes:
             match: re.Match[str] | None = None
             if route.pattern is not None:
                 if msg.msg_type != "text":
                     continue
-                if route.only_operators and not ctx.settings.is_operator(msg.openid):
+                if route.only_operators and not settings.is_operator(msg.openid):
                     continue
                 match = route.pattern.fullmatch(msg.text)
                 if match is None:
@@ -228,12 +230,20 @@ class Router:
                     continue
             elif route.msg_types and msg.msg_type not in route.msg_types:
                 continue
-            if ctx.read_only and not getattr(route.handler, _READS_ONLY, False):
+            yield route, match
+
+    def handle(self, ctx: Context, msg: Incoming) -> Reply | None:
+        for route, match in self.matching(ctx.settings, msg):
+            if ctx.read_only and not reads_only_route(route):
                 raise NeedsWrite(route.handler.__name__)
             reply = route.handler(ctx, msg, match)
             if reply is not None:
                 return reply
         return None
+
+
+def reads_only_route(route: _Route) -> bool:
+    return bool(getattr(route.handler, _READS_ONLY, False))
 
 
 def issue_arg(match: re.Match[str] | None, group: str = "n") -> int | None:

@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import threading
+from typing import Any
 
 import bottle
 import httpx
@@ -183,3 +184,28 @@ def test_answers_survive_postgresql_dropping_every_connection(
     assert all("40 豆" in r for r in replies), replies
     fell_back = [r for r in caplog.records if "read path failed" in r.getMessage()]
     assert len(fell_back) <= 1  # the pool was renewed after the first failure
+
+
+def test_messages_for_writing_handlers_skip_the_fast_reads(
+        settings: Settings, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """兑换 and the like are known from routing alone to need the write path: no reads are
+    spent on the fast path first."""
+    add_issue(engine, 1, price=30)
+    topup(engine, READER, 100)
+    webhook = Webhook(settings, engine)
+    readings: list[str] = []
+    real_reading = webhook.fast.reading
+
+    def counted() -> Any:
+        readings.append("read")
+        return real_reading()
+
+    monkeypatch.setattr(webhook.fast, "reading", counted)
+    app = bottle.Bottle()
+    webhook.install(app)
+    with httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://t") as http:
+        user = WeChatUser(http, READER)
+        assert user.send("兑换")["type"] == "news"
+        assert readings == []
+        assert "已解锁" in user.send("本周")["content"]
+        assert readings == ["read"]
