@@ -150,16 +150,14 @@ def credit(
     return LedgerResult(entry, replayed=False)
 
 
-_ENTITLEMENT = Entitlement.__table__.c  # type: ignore[attr-defined]
-_SUBSCRIBER = Subscriber.__table__.c  # type: ignore[attr-defined]
 _SUB_T: Table = Subscriber.__table__  # type: ignore[attr-defined]
 _ENTRY_T: Table = LedgerEntry.__table__  # type: ignore[attr-defined]
 _ENT_T: Table = Entitlement.__table__  # type: ignore[attr-defined]
 
 
 def has_entitlement(session: Session, *, openid: str, issue_number: int) -> bool:
-    return scalar(session, sa_select(_ENTITLEMENT.id).where(
-        _ENTITLEMENT.openid == openid, _ENTITLEMENT.issue_number == issue_number)) is not None
+    return scalar(session, sa_select(_ENT_T.c.id).where(
+        _ENT_T.c.openid == openid, _ENT_T.c.issue_number == issue_number)) is not None
 
 
 # --- redeem: statements built once; each call only binds values ------------------------------
@@ -332,8 +330,7 @@ def _sync_balance(session: Session, subscriber_id: int, balance: int) -> None:
 
 
 def get_balance(session: Session, *, openid: str) -> int:
-    balance = scalar(session, sa_select(_SUBSCRIBER.balance).where(
-        _SUBSCRIBER.openid == openid))
+    balance = scalar(session, sa_select(_SUB_T.c.balance).where(_SUB_T.c.openid == openid))
     if balance is None:
         raise UnknownSubscriber(openid)
     return int(balance)
