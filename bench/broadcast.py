@@ -67,7 +67,7 @@ def _maxrss_mb() -> float:
 def serve_fake(followers: int) -> int:
     """Child mode: serve the fake API; on stdin ``report`` print the delivery summary as one
     JSON line; stop at end of input."""
-    from bot.fake_wechat import FakeWeChat, fake_openids
+    from bot.wechat.fake import FakeWeChat, fake_openids
 
     fake = FakeWeChat(app_id=APP_ID, app_secret=APP_SECRET, followers=fake_openids(followers))
     with fake:
@@ -133,9 +133,9 @@ def fake_api(followers: int) -> Iterator[Fake]:
 
 def run_broadcast(config: str, number: int) -> int:
     """Child mode: only the broadcast. Prints one JSON line with its figures."""
-    from bot.broadcast import Broadcaster, Progress
+    from bot.jobs.broadcast import Broadcaster, Progress
     from bot.settings import load_settings
-    from bot.wechat_api import WeChatClient
+    from bot.wechat.api import WeChatClient
     from storage.db import make_engine
 
     settings = load_settings(config)
@@ -167,7 +167,7 @@ def seed(db_url: str, workdir: Path, subscribers: int, base_url: str,
          batch_size: int) -> tuple[Path, int, float]:
     """Schema, the sample issue (published), the subscribers; returns (config, issue, seconds
     spent adding subscribers)."""
-    from bot.fake_wechat import fake_openids
+    from bot.wechat.fake import fake_openids
     from storage import subscribers as subs
     from storage.db import make_engine, transaction
 

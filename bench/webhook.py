@@ -63,7 +63,7 @@ def openid_for(n: int) -> str:
 
 
 def signed_target() -> str:
-    from bot.webhook import sign
+    from bot.wechat.webhook import sign
 
     ts = str(int(time.time()))
     nonce = secrets.token_hex(5)
@@ -815,16 +815,16 @@ def report(rows: list[Row], args: argparse.Namespace, generator: str, gen_desc: 
 
 _STAGES: list[tuple[str, str, str]] = [
     # (module, attribute — "Class.method" for methods, label)
-    ("bot.webhook", "Webhook._check_signature", "signature check"),
-    ("bot.webhook", "parse_delivery", "XML parse (WeRoBot) + delivery"),
+    ("bot.wechat.webhook", "Webhook._check_signature", "signature check"),
+    ("bot.wechat.webhook", "parse_delivery", "XML parse (WeRoBot) + delivery"),
     # The fast path (handlers marked @reads_only, known readers): reads, then one INSERT.
-    ("bot.webhook", "Webhook._answer_reading", "fast path"),
+    ("bot.wechat.webhook", "Webhook._answer_reading", "fast path"),
     ("storage.fastpath", "Reads.current_issue", "current issue (SELECT; preview cached)"),
     ("storage.fastpath", "Reads.standing", "balance, unlock, notice (one SELECT)"),
     ("storage.fastpath", "FastPath.store_reply", "claim + reply (one INSERT, autocommit)"),
     # The write path (everything else): claim, side effects and reply in one transaction.
-    ("bot.webhook", "run_in_transaction", "transaction"),
-    ("bot.webhook", "Webhook._handle", "handler"),
+    ("bot.wechat.webhook", "run_in_transaction", "transaction"),
+    ("bot.wechat.webhook", "Webhook._handle", "handler"),
     ("storage.inbox", "claim", "dedupe claim (INSERT … ON CONFLICT)"),
     ("storage.subscribers", "ensure_subscriber", "ensure_subscriber (INSERT … ON CONFLICT)"),
     ("handlers", "dispatch", "dispatch"),
@@ -837,8 +837,8 @@ _STAGES: list[tuple[str, str, str]] = [
     ("storage.broadcasts", "mark_notified", "mark_notified (INSERT … ON CONFLICT)"),
     ("storage.inbox", "finish", "store reply (UPDATE inbound_message)"),
     ("sqlalchemy.orm", "Session.commit", "COMMIT"),
-    ("bot.webhook", "render_reply", "render reply XML"),
-    ("bot.webhook", "RequestLog.emit", "request log line"),
+    ("bot.wechat.webhook", "render_reply", "render reply XML"),
+    ("bot.wechat.webhook", "RequestLog.emit", "request log line"),
 ]
 
 

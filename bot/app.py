@@ -8,13 +8,13 @@ import bottle
 from sqlalchemy import Engine, text
 
 from bot.settings import Settings
-from bot.webhook import Webhook
+from bot.wechat.webhook import Webhook
 
 log = logging.getLogger("newsbot.app")
 
 
 def create_app(settings: Settings, engine: Engine) -> bottle.Bottle:
-    from bot import reader  # imported here so the webhook can be tested without it
+    from bot.web import reader  # imported here so the webhook can be tested without it
 
     app = bottle.Bottle()
     Webhook(settings, engine).install(app)

@@ -12,6 +12,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from handlers.config import ChatConfig
+
 PLACEHOLDER_PREFIX = "CHANGE-ME"
 ENV_PREFIX = "NEWSBOT_"
 
@@ -159,6 +161,14 @@ class Settings(_Section):
 
     def is_operator(self, openid: str) -> bool:
         return openid in self.operators.openids
+
+    def chat_config(self) -> ChatConfig:
+        """The slice of these settings that chat handlers read."""
+        return ChatConfig(
+            unit=self.tokens.name, max_topup=self.tokens.max_topup,
+            how_to_get=self.tokens.how_to_get, free_percent=self.content.free_percent,
+            push_mode=self.broadcast.mode, link_ttl_hours=self.reader.link_ttl_hours,
+            operators=frozenset(self.operators.openids))
 
     def missing_secrets(self, *, need_api: bool = False) -> list[str]:
         """Keys that must be set before serving, each with a hint on how to set it."""

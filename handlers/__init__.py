@@ -4,8 +4,8 @@ every message gets an answer."""
 
 from __future__ import annotations
 
-from bot.settings import Settings
 from handlers import admin, balance, broadcast_events, help, issue, preview, redeem, subscription
+from handlers.config import ChatConfig
 from handlers.errors import explain
 from handlers.router import Context, Incoming, Reply, Router, Text, reads_only_route
 from storage.errors import DomainError
@@ -22,12 +22,12 @@ ROUTERS: tuple[Router, ...] = (
 )
 
 
-def first_route_writes(settings: Settings, msg: Incoming,
+def first_route_writes(config: ChatConfig, msg: Incoming,
                        routers: tuple[Router, ...] = ROUTERS) -> bool:
     """Whether the first handler to take ``msg`` writes: then the webhook's fast path would
     only end in NeedsWrite, so it skips the reads it would have made first."""
     for router in routers:
-        for route, _match in router.matching(settings, msg):
+        for route, _match in router.matching(config, msg):
             return not reads_only_route(route)
     return False
 
@@ -43,5 +43,5 @@ def dispatch(ctx: Context, msg: Incoming, routers: tuple[Router, ...] = ROUTERS)
                 reply = handled
                 break
     except DomainError as err:
-        reply = Text(explain(err, unit=ctx.unit, topup_hint=ctx.settings.tokens.how_to_get))
+        reply = Text(explain(err, unit=ctx.unit, topup_hint=ctx.config.how_to_get))
     return broadcast_events.with_new_issue_note(ctx, msg, reply)

@@ -35,7 +35,7 @@ def _credit(ctx: Context, msg: Incoming, kind: CreditKind) -> Reply:
         return Text(f"数量必须是整数，收到「{raw_amount}」。\n{USAGE}")
     result = ledger.credit(
         ctx.session, openid=openid, amount=amount, kind=kind, key=ctx.key, reason=reason,
-        operator=msg.openid, max_topup=ctx.settings.tokens.max_topup,
+        operator=msg.openid, max_topup=ctx.config.max_topup,
     )
     verb = "充值" if kind == "topup" else "调整"
     again = "（重复指令，未再次执行）" if result.replayed else ""

@@ -25,5 +25,5 @@ def balance(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
     else:
         lines.append("还没有任何记录。")
     lines.append("")
-    lines.append(ctx.settings.tokens.how_to_get)
+    lines.append(ctx.config.how_to_get)
     return Text("\n".join(lines))

@@ -30,11 +30,11 @@ def mass_send_finished(ctx: Context, msg: Incoming, match: re.Match[str] | None)
 def with_new_issue_note(ctx: Context, msg: Incoming, reply: Reply) -> Reply:
     """In mode "off", the first reply a subscriber gets after an issue is published starts with
     a one-line note about it (once per subscriber per issue)."""
-    if ctx.settings.broadcast.mode != "off" or isinstance(reply, Silent):
+    if ctx.config.push_mode != "off" or isinstance(reply, Silent):
         return reply
     if msg.msg_type == "event" and msg.event in ("unsubscribe", "masssendjobfinish"):
         return reply
-    if msg.text.startswith("#") and ctx.settings.is_operator(msg.openid):
+    if msg.text.startswith("#") and ctx.config.is_operator(msg.openid):
         return reply  # operator commands get their result only
     current = ctx.current_issue()
     if current is None:

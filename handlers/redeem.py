@@ -23,7 +23,7 @@ def _target(ctx: Context, number: int | None) -> IssuePreview:
 
 
 def _ttl_note(ctx: Context) -> str:
-    hours = ctx.settings.reader.link_ttl_hours
+    hours = ctx.config.link_ttl_hours
     return f"链接 {hours // 24} 天内有效" if hours % 24 == 0 else f"链接 {hours} 小时内有效"
 
 
@@ -70,6 +70,6 @@ def read(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
     if balance >= item.price:
         lines.append(f"回复「兑换 {item.number}」立即解锁全文")
     else:
-        lines.append(f"还差 {item.price - balance} {ctx.unit}。{ctx.settings.tokens.how_to_get}")
+        lines.append(f"还差 {item.price - balance} {ctx.unit}。{ctx.config.how_to_get}")
     lines.append(f"回复「试读 {item.number}」先读免费部分")
     return Text("\n".join(lines))

@@ -14,7 +14,7 @@ from typing import Literal, Protocol
 
 from sqlmodel import Session
 
-from bot.settings import Settings
+from handlers.config import ChatConfig
 from storage import issues, subscribers
 from storage.issues import IssuePreview
 from storage.subscribers import Standing
@@ -73,7 +73,7 @@ class FastReads(Protocol):
 
 @dataclass
 class Context:
-    """What a handler may use: the transaction's session (for storage calls only), settings,
+    """What a handler may use: the transaction's session (for storage calls only), its config,
     a reader-link signer and the idempotency key of this delivery.
 
     ``read_only`` is the webhook's fast path: only handlers marked ``@reads_only`` may run,
@@ -82,7 +82,7 @@ class Context:
     (the new-issue notice) is left in ``deferred_notice`` for the webhook to store with the
     delivery's claim."""
 
-    settings: Settings
+    config: ChatConfig
     make_link: LinkMaker
     key: str
     now: datetime
@@ -135,11 +135,11 @@ class Context:
 
     @property
     def unit(self) -> str:
-        return self.settings.tokens.name
+        return self.config.unit
 
     @property
     def free_percent(self) -> int:
-        return self.settings.content.free_percent
+        return self.config.free_percent
 
 
 Handler = Callable[[Context, Incoming, "re.Match[str] | None"], Reply | None]
@@ -209,7 +209,7 @@ class Router:
 
         return register
 
-    def matching(self, settings: Settings,
+    def matching(self, config: ChatConfig,
                  msg: Incoming) -> Iterator[tuple[_Route, re.Match[str] | None]]:
         """The routes that take ``msg``, in order, with their pattern's match."""
         for route in self.routes:
@@ -217,7 +217,7 @@ class Router:
             if route.pattern is not None:
                 if msg.msg_type != "text":
                     continue
-                if route.only_operators and not settings.is_operator(msg.openid):
+                if route.only_operators and not config.is_operator(msg.openid):
                     continue
                 match = route.pattern.fullmatch(msg.text)
                 if match is None:
@@ -233,7 +233,7 @@ class Router:
             yield route, match
 
     def handle(self, ctx: Context, msg: Incoming) -> Reply | None:
-        for route, match in self.matching(ctx.settings, msg):
+        for route, match in self.matching(ctx.config, msg):
             if ctx.read_only and not reads_only_route(route):
                 raise NeedsWrite(route.handler.__name__)
             reply = route.handler(ctx, msg, match)

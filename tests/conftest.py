@@ -25,7 +25,7 @@ from sqlalchemy.pool import NullPool
 
 from bot.app import create_app
 from bot.settings import Settings
-from bot.webhook import sign
+from bot.wechat.webhook import sign
 from storage.content import parse_issue_file
 from storage.db import create_schema, make_engine, transaction
 from storage.issues import publish_issue, upsert_issue

@@ -14,12 +14,12 @@ import pytest
 from sqlalchemy import Engine
 
 from bot.app import create_app
-from bot.broadcast import Broadcaster, Progress
-from bot.fake_wechat import FakeWeChat
-from bot.scheduler import WeeklyScheduler, latest_fire_time, weekly_trigger
+from bot.jobs.broadcast import Broadcaster, Progress
+from bot.jobs.scheduler import WeeklyScheduler, latest_fire_time, weekly_trigger
+from bot.jobs.weekly import run_weekly_job
 from bot.settings import Settings
-from bot.wechat_api import WeChatClient, WeChatError
-from bot.weekly import run_weekly_job
+from bot.wechat.api import WeChatClient, WeChatError
+from bot.wechat.fake import FakeWeChat
 from storage import broadcasts, issues, subscribers
 from storage.db import transaction
 from storage.errors import BroadcastRefused, UnknownIssue

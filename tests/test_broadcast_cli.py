@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
-from bot.fake_wechat import FakeWeChat
+from bot.wechat.fake import FakeWeChat
 from storage import subscribers
 from storage.db import transaction
 from tests.conftest import ROOT, SAMPLE_DRAFT, SAMPLE_ISSUE, TOKEN

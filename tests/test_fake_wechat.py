@@ -21,9 +21,8 @@ import httpx
 import pytest
 from sqlalchemy import Engine
 
-from bot.fake_wechat import FakeWeChat, fake_openids
 from bot.settings import WechatSettings
-from bot.wechat_api import (
+from bot.wechat.api import (
     MassSendResult,
     WeChatAuthError,
     WeChatClient,
@@ -31,6 +30,7 @@ from bot.wechat_api import (
     WeChatRateLimited,
     WeChatTransientError,
 )
+from bot.wechat.fake import FakeWeChat, fake_openids
 
 T0 = 1_700_000_000.0
 REPO = Path(__file__).resolve().parents[1]
@@ -492,7 +492,7 @@ def test_mass_send_job_finish_callback_is_signed(
 def test_runs_as_a_process() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bot.fake_wechat", "--port", "0", "--followers", "3"],
+        [sys.executable, "-m", "bot.wechat.fake", "--port", "0", "--followers", "3"],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

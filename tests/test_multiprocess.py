@@ -37,7 +37,7 @@ from sqlmodel import Session, select
 from typer.testing import CliRunner, Result
 
 from bot.cli import app
-from bot.fake_wechat import FakeWeChat
+from bot.wechat.fake import FakeWeChat
 from handlers.errors import BUSY
 from storage.db import make_engine, read_only
 from storage.models import Broadcast, Entitlement, Issue, LedgerEntry, Subscriber, WeeklyRun

@@ -18,7 +18,7 @@ from sqlalchemy import Engine, text
 
 from bot.app import create_app
 from bot.settings import Settings
-from bot.webhook import Webhook
+from bot.wechat.webhook import Webhook
 from handlers import ROUTERS
 from handlers.router import Context, Incoming, Router, Text, reads_only
 from storage import subscribers

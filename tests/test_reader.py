@@ -15,10 +15,10 @@ import httpx
 import pytest
 from sqlalchemy import Engine
 
-import bot.reader as reader_module
-from bot.links import ReaderLinks
-from bot.reader import install, mask_openid
+import bot.web.reader as reader_module
 from bot.settings import Settings
+from bot.web.links import ReaderLinks
+from bot.web.reader import install, mask_openid
 from storage import ledger
 from storage.content import parse_issue_text
 from storage.db import create_schema, make_engine, transaction
@@ -411,7 +411,7 @@ def test_unexpected_error_is_friendly_500_and_logged(
         raise RuntimeError("database fell over")
 
     monkeypatch.setattr(reader_module, "read_issue", broken)
-    with caplog.at_level(logging.ERROR, logger="bot.reader"):
+    with caplog.at_level(logging.ERROR, logger="bot.web.reader"):
         page = assert_reader_response(client.get(links.url(ALICE, 1)), 500)
     assert "database fell over" not in page
     assert "稍后" in page

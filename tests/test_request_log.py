@@ -18,7 +18,7 @@ from sqlalchemy import Engine
 from bot.app import create_app
 from bot.logs import TEXT_FORMAT, JsonFormatter
 from bot.settings import Settings
-from bot.webhook import MAX_BODY_BYTES, Webhook, sign
+from bot.wechat.webhook import MAX_BODY_BYTES, Webhook, sign
 from handlers import ROUTERS
 from handlers.router import Context, Incoming, Router, Text
 from storage import inbox

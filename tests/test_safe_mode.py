@@ -19,14 +19,14 @@ from werobot.crypto import MessageCrypt, PrpCrypto
 from werobot.utils import get_signature
 
 from bot.app import create_app
-from bot.crypto import (
+from bot.wechat.crypto import (
     CryptoError,
     WeChatCrypto,
     msg_signature,
     safe_mode_problems,
     validate_aes_key,
 )
-from bot.webhook import Webhook, sign
+from bot.wechat.webhook import Webhook, sign
 from tests.conftest import TOKEN, WeChatUser, make_settings, parse_reply
 from tests.test_webhook import balance, inbound_count, redeem_count, topup
 

@@ -18,7 +18,7 @@ from sqlmodel import select
 
 from bot.app import create_app
 from bot.settings import Settings
-from bot.webhook import MAX_BODY_BYTES, Webhook, sign
+from bot.wechat.webhook import MAX_BODY_BYTES, Webhook, sign
 from handlers import ROUTERS
 from handlers.router import Context, Incoming, Router, Text
 from storage import ledger, subscribers

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import Engine
 
 from bot.settings import WechatSettings
-from bot.wechat_api import (
+from bot.wechat.api import (
     MassSendResult,
     WeChatAlreadySent,
     WeChatAuthError,

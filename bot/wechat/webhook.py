@@ -25,9 +25,9 @@ from werobot.parser import parse_xml, process_message
 from werobot.replies import Article, ArticlesReply, TextReply
 
 import handlers
-from bot.crypto import CryptoError, WeChatCrypto
-from bot.links import ReaderLinks
 from bot.settings import Settings
+from bot.web.links import ReaderLinks
+from bot.wechat.crypto import CryptoError, WeChatCrypto
 from handlers.errors import BUSY
 from handlers.format import fit_bytes
 from handlers.router import (
@@ -231,6 +231,7 @@ class Webhook:
                  clock: Callable[[], float] = time.time,
                  routers: tuple[Router, ...] = handlers.ROUTERS) -> None:
         self.settings = settings
+        self.config = settings.chat_config()
         self.engine = engine
         self.clock = clock
         self.links = ReaderLinks(settings)
@@ -374,10 +375,10 @@ class Webhook:
         when the message needs the write path (its first handler writes, or the subscriber is
         not yet known); NeedsWrite or NoticeTaken when that turns out on the way."""
         msg = delivery.incoming
-        if handlers.first_route_writes(self.settings, msg, self.routers):
+        if handlers.first_route_writes(self.config, msg, self.routers):
             return None  # 兑换, follow/unfollow, operator commands, WeChat's reports …
         with self.fast.reading() as reads:
-            ctx = Context(settings=self.settings, make_link=self.links,
+            ctx = Context(config=self.config, make_link=self.links,
                           key=delivery.idempotency_key, now=utcnow(), read_only=True,
                           fast=reads, open_session=lambda: read_only(self.engine))
             try:
@@ -405,7 +406,7 @@ class Webhook:
             return reply_from_json(claim.reply_json), "duplicate"
         if msg.event not in SYSTEM_EVENTS:  # those come from WeChat itself, not a follower
             subscribers.ensure_subscriber(session, openid=msg.openid)
-        ctx = Context(db=session, settings=self.settings, make_link=self.links,
+        ctx = Context(db=session, config=self.config, make_link=self.links,
                       key=delivery.idempotency_key, now=utcnow())
         reply = handlers.dispatch(ctx, msg, self.routers)
         inbox.finish(session, key=delivery.dedupe_key, reply_json=reply_to_json(reply))

@@ -20,9 +20,9 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy import Engine
 
-from bot.broadcast import Messenger
+from bot.jobs.broadcast import Messenger
+from bot.jobs.weekly import run_weekly_job
 from bot.settings import Settings, cron_fields
-from bot.weekly import run_weekly_job
 from storage.models import utcnow
 
 log = logging.getLogger("newsbot.scheduler")

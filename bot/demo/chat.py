@@ -17,7 +17,7 @@ from xml.etree import ElementTree
 import httpx
 from rich.console import Console
 
-from bot.webhook import sign
+from bot.wechat.webhook import sign
 
 log = logging.getLogger("newsbot.chat")
 

@@ -1,6 +1,6 @@
 """Reader pages: ``GET /read/<number>`` serves one issue to the holder of a signed link.
 
-The link names the reader (``u``), its expiry (``e``) and an HMAC (``s``, see ``bot.links``).
+The link names the reader (``u``), its expiry (``e``) and an HMAC (``s``, see ``bot.web.links``).
 Every request is answered with a self-contained HTML page: the full text when the reader is
 entitled (or the issue is free), otherwise only the stored free excerpt followed by how to
 unlock. Refusals (bad or expired link, unknown issue) get a friendly page too; input is checked
@@ -22,8 +22,8 @@ from zoneinfo import ZoneInfo
 import bottle
 from sqlalchemy import Engine
 
-from bot.links import READER_PREFIX, ReaderLinks
 from bot.settings import Settings
+from bot.web.links import READER_PREFIX, ReaderLinks
 from storage.content import render_html
 from storage.db import read_only
 from storage.errors import UnknownIssue

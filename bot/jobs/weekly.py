@@ -11,7 +11,7 @@ from datetime import datetime
 
 from sqlalchemy import Engine
 
-from bot.broadcast import Broadcaster, Messenger
+from bot.jobs.broadcast import Broadcaster, Messenger
 from bot.settings import Settings
 from storage import broadcasts, issues
 from storage.db import transaction

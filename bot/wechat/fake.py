@@ -1,7 +1,7 @@
 """A loopback fake of the WeChat Official Account API with WeChat's semantics and errcodes,
 for tests, benchmarks and ``newsbot demo``.
 
-Run standalone: ``python -m bot.fake_wechat --port 0 --followers 1000``; the first stdout line
+Run standalone: ``python -m bot.wechat.fake --port 0 --followers 1000``; the first stdout line
 is the base URL."""
 
 from __future__ import annotations

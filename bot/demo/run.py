@@ -1,7 +1,7 @@
 """``newsbot demo``: a complete local setup in one command. A throwaway folder gets a config with
 fresh random secrets, a SQLite database with the sample issues and a funded reader; the real
 server (gunicorn, via ``newsbot serve``) runs as a child process and the chat simulator talks
-to it over HTTP, exactly as WeChat would. A fake WeChat API (``bot.fake_wechat``) runs in this
+to it over HTTP, exactly as WeChat would. A fake WeChat API (``bot.wechat.fake``) runs in this
 process with 50 followers, so a broadcast can be watched end to end."""
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from rich.panel import Panel
 from rich.text import Text
 
 import bot
-from bot.chat import run_chat
-from bot.fake_wechat import FakeWeChat
+from bot.demo.chat import run_chat
 from bot.settings import ENV_PREFIX, Settings, SettingsError, load_settings
+from bot.wechat.fake import FakeWeChat
 from storage import schema, subscribers
 from storage.content import IssueFileError, parse_issue_file
 from storage.db import make_engine, transaction

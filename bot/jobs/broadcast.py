@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Engine
 
 from bot.settings import Settings
-from bot.wechat_api import MassSendResult, WeChatError
+from bot.wechat.api import MassSendResult, WeChatError
 from handlers.format import broadcast_text
 from storage import broadcasts, issues, subscribers
 from storage.db import transaction

@@ -1,5 +1,5 @@
 """Operator commands that talk to the WeChat API: broadcasts, the scheduler, follower sync and
-the custom menu. Registered on the main Typer app by ``bot.cli``."""
+the custom menu. Imported by ``bot.cli``, which registers them on the root app."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
 
@@ -18,13 +17,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sqlalchemy import Engine
 
-from bot.broadcast import Broadcaster
-from bot.broadcast import Progress as BroadcastProgress
-from bot.cli import ConfigOpt, JsonOpt, _database, _dump, _fail, _settings, app, err, out
+from bot.cli.base import ConfigOpt, JsonOpt, _database, _dump, _fail, _settings, app, err, out
+from bot.jobs.broadcast import Broadcaster
+from bot.jobs.broadcast import Progress as BroadcastProgress
 from bot.logs import setup_logging
-from bot.menu import MenuError, build_menu
 from bot.settings import Settings
-from bot.wechat_api import WeChatClient, WeChatError
+from bot.wechat.api import WeChatClient, WeChatError
+from bot.wechat.menu import MenuError, build_menu
 from storage import broadcasts, subscribers
 from storage.db import transaction
 from storage.errors import BroadcastRefused, UnknownIssue
@@ -213,7 +212,7 @@ def scheduler(
     parent_pid: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Run only the weekly job (publish the next draft, broadcast it) until stopped."""
-    from bot.scheduler import WeeklyScheduler
+    from bot.jobs.scheduler import WeeklyScheduler
 
     settings = _settings(ctx, config)
     if settings.broadcast.mode != "off":
@@ -297,4 +296,3 @@ def menu_sync(ctx: typer.Context, config: ConfigOpt = None,
     out.print(f"menu created: {len(menu['button'])} buttons")
 
 
-__all__ = ["Path", "broadcast", "menu_sync", "scheduler", "users_sync"]

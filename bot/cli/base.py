@@ -1,0 +1,155 @@
+"""What every CLI command group shares: the root Typer app, the consoles, the --config and
+--json options, loading settings and opening the database.
+
+Exit codes: 0 done; 1 something was not found or did not check out (unknown issue or user, a
+bad issue file, ledger mismatches, server unreachable); 2 the request itself is wrong (bad
+configuration, missing secrets, a bad amount, a refused ledger write). Money commands never
+write anything when they exit non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, tzinfo
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import typer
+from rich.console import Console
+from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+
+from bot.settings import Settings, SettingsError, load_settings
+from storage import schema
+from storage.db import make_engine
+from storage.issues import IssuePreview
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+app = typer.Typer(
+    name="newsbot",
+    help="WeChat newsletter bot: run the server, manage issues, users and tokens.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+issue_app = typer.Typer(help="Import, list, show and publish issues.", no_args_is_help=True)
+user_app = typer.Typer(help="Subscribers and their balances.", no_args_is_help=True)
+ledger_app = typer.Typer(help="The token ledger.", no_args_is_help=True)
+db_app = typer.Typer(
+    help="The database schema. `serve` refuses to start unless the schema is current; the "
+    "other commands set up a database that holds no newsbot tables yet (a first run) and "
+    "refuse any other out-of-date schema. Run `newsbot db upgrade` after installing a new "
+    "newsbot version.",
+    short_help="The database schema: `db upgrade` after installing a new version.",
+    no_args_is_help=True,
+)
+app.add_typer(issue_app, name="issue")
+app.add_typer(user_app, name="user")
+app.add_typer(ledger_app, name="ledger")
+app.add_typer(db_app, name="db")
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="Config file (default: $NEWSBOT_CONFIG, then "
+                 "./config.toml).", show_default=False),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+# Far above any real balance, far below SQLite's and PostgreSQL's 64-bit integer limit.
+MAX_ABS_AMOUNT = 10**12
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
+class LogLevel(StrEnum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    err.print(message, style="red", markup=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@app.callback()
+def _root(ctx: typer.Context, config: ConfigOpt = None) -> None:
+    """WeChat newsletter bot: run the server, manage issues, users and tokens."""
+    ctx.obj = {"config": config}
+
+
+def _config_path(ctx: typer.Context, config: Path | None) -> Path | None:
+    if config is not None:
+        return config
+    root = ctx.find_root().obj
+    return root.get("config") if isinstance(root, dict) else None
+
+
+def _settings(ctx: typer.Context, config: Path | None,
+              overrides: dict[str, Any] | None = None) -> Settings:
+    try:
+        return load_settings(_config_path(ctx, config), overrides=overrides)
+    except SettingsError as exc:
+        _fail(str(exc), 2)
+
+
+def _db_label(settings: Settings) -> str:
+    return make_url(settings.database.url).render_as_string(hide_password=True)
+
+
+@contextmanager
+def _database(settings: Settings, *, set_up_empty: bool = True) -> Iterator[Engine]:
+    """The configured database, which must be at the current schema revision (exit 2 with
+    the `newsbot db upgrade` hint otherwise). A database with no newsbot tables at all is what
+    a first run finds: unless ``set_up_empty`` is false (``serve``), it is upgraded here."""
+    engine = make_engine(settings.database.url)
+    try:
+        try:
+            if set_up_empty and schema.is_empty(engine):
+                schema.upgrade(engine)
+                err.print(f"new database: created the schema (revision "
+                          f"{schema.head_revision()})", style="dim", markup=False)
+            schema.check_current(engine)
+        except schema.SchemaError as exc:  # out of date, or tables that cannot be adopted
+            _fail(f"{_db_label(settings)}: {exc}", 2)
+        except DBAPIError as exc:
+            _fail(f"cannot open the database {_db_label(settings)!r}: {exc.orig}", 1)
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def _zone(settings: Settings) -> tzinfo:
+    try:
+        return ZoneInfo(settings.broadcast.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        return UTC
+
+
+def _iso(dt: datetime | None) -> str | None:
+    return None if dt is None else dt.isoformat()
+
+
+def _local(dt: datetime | None, zone: tzinfo, fmt: str = "%Y-%m-%d %H:%M") -> str:
+    return "" if dt is None else dt.astimezone(zone).strftime(fmt)
+
+
+def _status(issue: IssuePreview, now: datetime) -> str:
+    if issue.published_at is None:
+        return "draft"
+    return "published" if issue.published_at <= now else "scheduled"
+
+
+def _dump(data: Any) -> None:
+    typer.echo(json.dumps(data, ensure_ascii=False, indent=2))

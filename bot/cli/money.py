@@ -1,0 +1,248 @@
+"""Subscribers and their tokens: `user list/show`, `topup`, `adjust`, `ledger check`."""
+
+from __future__ import annotations
+
+import getpass
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from bot.cli.base import (
+    _INTEGER,
+    MAX_ABS_AMOUNT,
+    ConfigOpt,
+    JsonOpt,
+    _database,
+    _dump,
+    _fail,
+    _iso,
+    _local,
+    _settings,
+    _zone,
+    app,
+    err,
+    ledger_app,
+    out,
+    user_app,
+)
+from storage import ledger, subscribers
+from storage.db import transaction
+from storage.errors import (
+    IdempotencyConflict,
+    InsufficientBalance,
+    InvalidAmount,
+    UnknownSubscriber,
+)
+from storage.ledger import CreditKind, LedgerResult
+from storage.models import LedgerEntry, Subscriber
+
+
+def _entry_json(e: LedgerEntry) -> dict[str, Any]:
+    return {
+        "id": e.id,
+        "amount": e.amount,
+        "kind": e.kind,
+        "issue_number": e.issue_number,
+        "reason": e.reason,
+        "operator": e.operator,
+        "key": e.idempotency_key,
+        "balance_after": e.balance_after,
+        "created_at": _iso(e.created_at),
+    }
+
+
+def _user_json(sub: Subscriber) -> dict[str, Any]:
+    return {
+        "openid": sub.openid,
+        "balance": sub.balance,
+        "subscribed": sub.subscribed,
+        "created_at": _iso(sub.created_at),
+        "subscribed_at": _iso(sub.subscribed_at),
+        "unsubscribed_at": _iso(sub.unsubscribed_at),
+    }
+
+
+@user_app.command("list")
+def user_list(
+    ctx: typer.Context,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    active: Annotated[bool, typer.Option("--active", help="Only current followers.")] = False,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many.")] = 100,
+) -> None:
+    """Subscribers, oldest first."""
+    settings = _settings(ctx, config)
+    with _database(settings) as engine, transaction(engine) as session:
+        subs = subscribers.list_subscribers(session, limit=limit, active_only=active)
+        total = subscribers.count_subscribers(session, active_only=active)
+    if as_json:
+        _dump([_user_json(s) for s in subs])
+        return
+    zone = _zone(settings)
+    table = Table("openid", "balance", "subscribed", "since")
+    for s in subs:
+        table.add_row(Text(s.openid), f"{s.balance} {settings.tokens.name}",
+                      "yes" if s.subscribed else "no", _local(s.created_at, zone))
+    out.print(table)
+    out.print(f"{len(subs)} shown of {total}{' active' if active else ''}", markup=False)
+
+
+@user_app.command("show")
+def user_show(
+    ctx: typer.Context,
+    openid: Annotated[str, typer.Argument(metavar="OPENID")],
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    entries: Annotated[int, typer.Option(min=1, help="Ledger rows to show.")] = 100,
+) -> None:
+    """One subscriber: balance, unlocked issues and ledger entries (newest first)."""
+    settings = _settings(ctx, config)
+    with _database(settings) as engine, transaction(engine) as session:
+        sub = subscribers.get_subscriber(session, openid=openid)
+        if sub is None:
+            _fail(f"no subscriber {openid!r}", 1)
+        unlocked = sorted(ledger.unlocked_issues(session, openid=openid))
+        rows = ledger.recent_entries(session, openid=openid, limit=entries)
+    if as_json:
+        _dump({**_user_json(sub), "unlocked": unlocked, "entries": [_entry_json(e) for e in rows]})
+        return
+    unit = settings.tokens.name
+    zone = _zone(settings)
+    out.print(
+        f"{sub.openid}: balance {sub.balance} {unit}, "
+        f"{'subscribed' if sub.subscribed else 'unsubscribed'}; unlocked: "
+        f"{', '.join(f'#{n}' for n in unlocked) or 'none'}",
+        markup=False, soft_wrap=True,
+    )
+    table = Table("id", "when", "amount", "kind", "balance", "reason", "by")
+    for e in rows:
+        table.add_row(str(e.id), _local(e.created_at, zone), f"{e.amount:+d}", e.kind,
+                      str(e.balance_after), Text(e.reason), Text(e.operator or ""))
+    out.print(table)
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no $USER and no passwd entry (some containers)
+        return "unknown"
+
+
+def _parse_amount(raw: str, name: str, unit: str) -> int:
+    text = raw.strip()
+    if not _INTEGER.fullmatch(text):
+        _fail(f"{name} must be a whole number of {unit}, got {raw!r}; nothing written", 2)
+    amount = int(text)
+    if abs(amount) > MAX_ABS_AMOUNT:
+        _fail(f"{name} {amount} is implausibly large; nothing written", 2)
+    return amount
+
+
+def _credit(ctx: typer.Context, config: Path | None, *, kind: CreditKind, openid: str,
+            raw_amount: str, reason: str, key: str | None, operator: str | None) -> None:
+    settings = _settings(ctx, config)
+    unit = settings.tokens.name
+    amount = _parse_amount(raw_amount, "AMOUNT" if kind == "topup" else "DELTA", unit)
+    key = key or f"cli:{uuid.uuid4()}"
+    operator = operator or f"cli:{_os_user()}"
+    try:
+        with _database(settings) as engine, transaction(engine) as session:
+            result = ledger.credit(session, openid=openid, amount=amount, kind=kind, key=key,
+                                   reason=reason, operator=operator,
+                                   max_topup=settings.tokens.max_topup)
+    except InvalidAmount as exc:
+        _fail(f"{exc}; nothing written", 2)
+    except InsufficientBalance as exc:
+        _fail(f"{openid} has {exc.balance} {unit}: an adjustment of {amount:+d} would take the "
+              "balance below zero; nothing written", 2)
+    except UnknownSubscriber:
+        _fail(f"no subscriber {openid!r}: the user must message the account first (or be "
+              "synced from WeChat); nothing written", 2)
+    except IdempotencyConflict as exc:
+        _fail(f"{exc}; nothing written", 2)
+    _report_credit(result, key=key, unit=unit)
+
+
+def _report_credit(result: LedgerResult, *, key: str, unit: str) -> None:
+    e = result.entry
+    what = f"{e.kind} {e.amount:+d} {unit} for {e.openid}"
+    if result.replayed:
+        out.print(f"already applied: key {key} was used at {_iso(e.created_at)} for {what} "
+                  f"(entry #{e.id}, balance after {e.balance_after} {unit}); nothing new "
+                  "written", markup=False, soft_wrap=True)
+        return
+    out.print(f"{what}: balance now {e.balance_after} {unit} (entry #{e.id})", markup=False,
+              soft_wrap=True)
+    out.print(f"key: {key}  (re-run with this --key to retry without a second charge)",
+              markup=False, soft_wrap=True)
+
+
+# ignore_unknown_options lets a negative number like -5 through as an argument.
+_AMOUNT_CTX = {"ignore_unknown_options": True}
+ReasonOpt = Annotated[str, typer.Option("--reason", help="Why (kept in the ledger).",
+                                        show_default=False)]
+KeyOpt = Annotated[str | None, typer.Option("--key", help="Idempotency key (default: a new "
+                                            "cli:<uuid>); re-use it to retry safely.")]
+OperatorOpt = Annotated[str | None, typer.Option("--operator", help="Who did it (default: "
+                                                 "cli:$USER).")]
+
+
+@app.command(context_settings=_AMOUNT_CTX)
+def topup(
+    ctx: typer.Context,
+    openid: Annotated[str, typer.Argument(metavar="OPENID")],
+    amount: Annotated[str, typer.Argument(metavar="AMOUNT")],
+    reason: ReasonOpt,
+    key: KeyOpt = None,
+    operator: OperatorOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Add tokens to a subscriber's balance."""
+    _credit(ctx, config, kind="topup", openid=openid, raw_amount=amount, reason=reason,
+            key=key, operator=operator)
+
+
+@app.command(context_settings=_AMOUNT_CTX)
+def adjust(
+    ctx: typer.Context,
+    openid: Annotated[str, typer.Argument(metavar="OPENID")],
+    delta: Annotated[str, typer.Argument(metavar="DELTA")],
+    reason: ReasonOpt,
+    key: KeyOpt = None,
+    operator: OperatorOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Correct a balance by DELTA (negative allowed, never below zero)."""
+    _credit(ctx, config, kind="adjust", openid=openid, raw_amount=delta, reason=reason,
+            key=key, operator=operator)
+
+
+@ledger_app.command("check")
+def ledger_check(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Every cached balance against the sum of its ledger entries."""
+    settings = _settings(ctx, config)
+    with _database(settings) as engine, transaction(engine) as session:
+        problems = ledger.check(session)
+        users = subscribers.count_subscribers(session)
+        entries = ledger.count_entries(session)
+    if as_json:
+        _dump({"ok": not problems, "users": users, "entries": entries,
+               "mismatches": [{"openid": p.openid, "cached": p.cached, "ledger": p.ledger,
+                               "problem": p.problem} for p in problems]})
+    elif not problems:
+        out.print(f"ledger OK: {users} users, {entries} entries", markup=False)
+    else:
+        for p in problems:
+            err.print(f"{p.openid}: {p.problem} (cached {p.cached}, ledger {p.ledger})",
+                      style="red", markup=False, soft_wrap=True)
+        err.print(f"ledger MISMATCH: {len(problems)} problem(s) across {users} users, "
+                  f"{entries} entries", style="bold red", markup=False)
+    if problems:
+        raise typer.Exit(1)

@@ -1,0 +1,1 @@
+"""Scheduled work: the weekly publish-and-push job, its scheduler and the broadcaster."""

@@ -1,0 +1,1 @@
+"""Web pages served beside the webhook: signed links and the reader."""
