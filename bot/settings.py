@@ -81,6 +81,8 @@ class TokenSettings(_Section):
 
 class ContentSettings(_Section):
     free_percent: int = Field(10, ge=0, le=100)
+    # The newsletter's name, shown in cards, page titles and the reader's masthead.
+    publication: str = Field("会员通讯", min_length=1, max_length=40)
 
 
 class OperatorSettings(_Section):
@@ -146,6 +148,29 @@ def cron_fields(cron: str) -> dict[str, str]:
     return {"minute": minute, "hour": hour, "day": day, "month": month, "day_of_week": weekday}
 
 
+_WEEKDAY_NAMES = {"mon": "一", "tue": "二", "wed": "三", "thu": "四", "fri": "五", "sat": "六",
+                  "sun": "日"}
+
+
+def describe_cron(cron: str) -> str:
+    """The push schedule in words for subscribers (每周一 08:00), or a neutral phrase when the
+    crontab line is not a simple weekly or daily time."""
+    try:
+        fields = cron_fields(cron)
+    except ValueError:
+        return "按计划"
+    minute, hour, weekday = fields["minute"], fields["hour"], fields["day_of_week"]
+    if not (minute.isdigit() and hour.isdigit()) or fields["day"] != "*" or fields["month"] != "*":
+        return "按计划"
+    at = f"{int(hour):02d}:{int(minute):02d}"
+    if weekday == "*":
+        return f"每天 {at}"
+    days = weekday.lower().split(",")
+    if all(d in _WEEKDAY_NAMES for d in days):
+        return "每周" + "、".join(_WEEKDAY_NAMES[d] for d in days) + f" {at}"
+    return "按计划"
+
+
 class Settings(_Section):
     server: ServerSettings = ServerSettings()
     wechat: WechatSettings = WechatSettings()
@@ -168,7 +193,8 @@ class Settings(_Section):
             unit=self.tokens.name, max_topup=self.tokens.max_topup,
             how_to_get=self.tokens.how_to_get, free_percent=self.content.free_percent,
             push_mode=self.broadcast.mode, link_ttl_hours=self.reader.link_ttl_hours,
-            operators=frozenset(self.operators.openids))
+            operators=frozenset(self.operators.openids), publication=self.content.publication,
+            schedule=describe_cron(self.broadcast.cron), timezone=self.broadcast.timezone)
 
     def missing_secrets(self, *, need_api: bool = False) -> list[str]:
         """Keys that must be set before serving, each with a hint on how to set it."""

@@ -16,6 +16,9 @@ class ChatConfig:
     push_mode: str = "off"  # [broadcast] mode
     link_ttl_hours: int = 168  # [reader] link_ttl_hours
     operators: frozenset[str] = field(default_factory=frozenset)
+    publication: str = "会员通讯"  # [content] publication
+    schedule: str = "每周一 08:00"  # [broadcast] cron in words (bot.settings.describe_cron)
+    timezone: str = "Asia/Shanghai"  # [broadcast] timezone: how times are shown
 
     def is_operator(self, openid: str) -> bool:
         return openid in self.operators
