@@ -52,7 +52,7 @@ def with_new_issue_note(ctx: Context, msg: Incoming, reply: Reply) -> Reply:
                                       issue_number=current.number):
         return reply
     heading = issue_heading(current)
-    note = f"🆕 新一期已发布：{heading}（回复「本周」查看）"
+    note = f"🆕 新一期已发布：{heading}（回复「第{current.number}期」查看）"
     if isinstance(reply, Text):
         if heading in reply.content:  # the reply already is about the new issue
             return reply

@@ -10,8 +10,7 @@ write anything when they exit non-zero.
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, tzinfo
 from enum import StrEnum
@@ -26,7 +25,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from bot.settings import Settings, SettingsError, load_settings
-from storage import schema
+from handlers.numbers import parse_int
+from storage import ledger, schema
 from storage.db import make_engine
 from storage.issues import IssuePreview
 
@@ -63,9 +63,27 @@ ConfigOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
-# Far above any real balance, far below SQLite's and PostgreSQL's 64-bit integer limit.
-MAX_ABS_AMOUNT = 10**12
-_INTEGER = re.compile(r"[+-]?[0-9]+")
+MAX_ABS_AMOUNT = ledger.MAX_ABS_AMOUNT  # the one bound on amounts, chat and CLI alike
+
+
+def whole_number(minimum: int = 0) -> Callable[[str], int]:
+    """A typer ``parser``: a whole number in ASCII or full-width digits, as in chat and reader
+    URLs (click's INT would take "+3", " 3", "3_0" and any script's digits)."""
+
+    def parse(value: str | int) -> int:
+        if isinstance(value, int):  # a default
+            return value
+        number = parse_int(value)
+        if number is None:
+            raise typer.BadParameter(f"{value!r} is not a whole number (digits 0-9 only)")
+        if number < minimum:
+            raise typer.BadParameter(f"{number} is below the minimum {minimum}")
+        return number
+
+    return parse
+
+
+WHOLE_NUMBER = whole_number()
 
 
 class LogLevel(StrEnum):

@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bot.cli.base import (
+    WHOLE_NUMBER,
     ConfigOpt,
     JsonOpt,
     _database,
@@ -121,7 +122,7 @@ def issue_list(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt = 
 @issue_app.command("show")
 def issue_show(
     ctx: typer.Context,
-    number: Annotated[int, typer.Argument(metavar="N")],
+    number: Annotated[int, typer.Argument(metavar="N", parser=WHOLE_NUMBER)],
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -161,7 +162,7 @@ def issue_show(
 @issue_app.command("publish")
 def issue_publish(
     ctx: typer.Context,
-    number: Annotated[int, typer.Argument(metavar="N")],
+    number: Annotated[int, typer.Argument(metavar="N", parser=WHOLE_NUMBER)],
     config: ConfigOpt = None,
 ) -> None:
     """Make an issue current now (a scheduled date in the future is brought forward)."""

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from bot.cli.base import (
+    WHOLE_NUMBER,
     ConfigOpt,
     LogLevel,
     _database,
@@ -26,9 +27,12 @@ def serve(
     ctx: typer.Context,
     config: ConfigOpt = None,
     host: Annotated[str | None, typer.Option(help="Bind address [server] host.")] = None,
-    port: Annotated[int | None, typer.Option(help="Port [server] port.")] = None,
-    workers: Annotated[int | None, typer.Option(help="Worker processes.")] = None,
-    threads: Annotated[int | None, typer.Option(help="Threads per worker.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [server] port.",
+                                             parser=WHOLE_NUMBER)] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes.",
+                                                parser=WHOLE_NUMBER)] = None,
+    threads: Annotated[int | None, typer.Option(help="Threads per worker.",
+                                                parser=WHOLE_NUMBER)] = None,
     log_level: Annotated[LogLevel, typer.Option(help="Log level.")] = LogLevel.info,
 ) -> None:
     """Run the webhook and reader pages on gunicorn.
@@ -59,7 +63,8 @@ def serve(
 
 @app.command()
 def demo(
-    port: Annotated[int | None, typer.Option(help="Port (default: a free one).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: a free one).",
+                                             parser=WHOLE_NUMBER)] = None,
     workdir: Annotated[Path, typer.Option("--dir", help="Working folder, wiped each run.")]
     = Path(".newsbot-demo"),
     no_chat: Annotated[bool, typer.Option("--no-chat", help="Only serve until Ctrl-C.")]

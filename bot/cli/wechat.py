@@ -17,13 +17,25 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sqlalchemy import Engine
 
-from bot.cli.base import ConfigOpt, JsonOpt, _database, _dump, _fail, _settings, app, err, out
+from bot.cli.base import (
+    WHOLE_NUMBER,
+    ConfigOpt,
+    JsonOpt,
+    _database,
+    _dump,
+    _fail,
+    _settings,
+    app,
+    err,
+    out,
+)
 from bot.jobs.broadcast import Broadcaster
 from bot.jobs.broadcast import Progress as BroadcastProgress
 from bot.logs import setup_logging
 from bot.settings import Settings
 from bot.wechat.api import WeChatClient, WeChatError
 from bot.wechat.menu import MenuError, build_menu
+from handlers.numbers import parse_int
 from storage import broadcasts, subscribers
 from storage.db import transaction
 from storage.errors import BroadcastRefused, UnknownIssue
@@ -107,7 +119,8 @@ def broadcast(
     ctx: typer.Context,
     target: Annotated[str, typer.Argument(metavar="N | status [N] | resume N",
                                           help="An issue number, or status / resume.")],
-    number: Annotated[int | None, typer.Argument(metavar="[N]", show_default=False)] = None,
+    number: Annotated[int | None, typer.Argument(metavar="[N]", show_default=False,
+                                                 parser=WHOLE_NUMBER)] = None,
     preview: Annotated[bool, typer.Option("--preview", help="Send to preview_openids only.")]
     = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print text and plan; send nothing.")]
@@ -127,9 +140,10 @@ def broadcast(
             _fail("usage: newsbot broadcast resume N", 2)
         issue_number = number
     else:
-        if not target.isdigit() or number is not None:
+        parsed = parse_int(target)
+        if parsed is None or number is not None:
             _fail(f"expected an issue number, `status [N]` or `resume N`, got {target!r}", 2)
-        issue_number = int(target)
+        issue_number = parsed
     setup_logging("WARNING", settings.server.log_format)
     with _database(settings) as engine:
         if dry_run:
