@@ -1,10 +1,7 @@
 """What every CLI command group shares: the root Typer app, the consoles, the --config and
 --json options, loading settings and opening the database.
 
-Exit codes: 0 done; 1 something was not found or did not check out (unknown issue or user, a
-bad issue file, ledger mismatches, server unreachable); 2 the request itself is wrong (bad
-configuration, missing secrets, a bad amount, a refused ledger write). Money commands never
-write anything when they exit non-zero.
+Exit codes: the table in ``bot.cli``'s docstring (and README "CLI reference").
 """
 
 from __future__ import annotations
