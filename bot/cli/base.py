@@ -105,12 +105,19 @@ def _db_label(settings: Settings) -> str:
     return make_url(settings.database.url).render_as_string(hide_password=True)
 
 
+def _engine(settings: Settings) -> Engine:
+    try:
+        return make_engine(settings.database.url)
+    except OSError as exc:  # a SQLite file whose folder cannot be made
+        _fail(f"cannot open the database {_db_label(settings)!r}: {exc.strerror or exc}", 1)
+
+
 @contextmanager
 def _database(settings: Settings, *, set_up_empty: bool = True) -> Iterator[Engine]:
     """The configured database, which must be at the current schema revision (exit 2 with
     the `newsbot db upgrade` hint otherwise). A database with no newsbot tables at all is what
     a first run finds: unless ``set_up_empty`` is false (``serve``), it is upgraded here."""
-    engine = make_engine(settings.database.url)
+    engine = _engine(settings)
     try:
         try:
             if set_up_empty and schema.is_empty(engine):
