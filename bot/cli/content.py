@@ -210,7 +210,8 @@ def _refuse(problems: list[IssueProblem], as_json: bool, hint: str) -> NoReturn:
 DryRunOpt = Annotated[bool, typer.Option(
     "--dry-run", help="Validate and show what would change; write nothing.")]
 ForceOpt = Annotated[bool, typer.Option(
-    "--force", help="Allow changing the price or text of an issue readers have paid for.")]
+    "--force", help="Allow changing the price or text of an issue readers have paid for, "
+    "or hiding it from them.")]
 UnpublishOpt = Annotated[bool, typer.Option(
     "--unpublish", help="Make a published issue whose file has no `published` a draft again.")]
 
