@@ -1,10 +1,7 @@
 """What every CLI command group shares: the root Typer app, the consoles, the --config and
 --json options, loading settings and opening the database.
 
-Exit codes: 0 done; 1 something was not found or did not check out (unknown issue or user, a
-bad issue file, ledger mismatches, server unreachable); 2 the request itself is wrong (bad
-configuration, missing secrets, a bad amount, a refused ledger write). Money commands never
-write anything when they exit non-zero.
+Exit codes: the table in ``bot.cli``'s docstring (and README "CLI reference").
 """
 
 from __future__ import annotations
@@ -126,12 +123,19 @@ def _db_label(settings: Settings) -> str:
     return make_url(settings.database.url).render_as_string(hide_password=True)
 
 
+def _engine(settings: Settings) -> Engine:
+    try:
+        return make_engine(settings.database.url)
+    except OSError as exc:  # a SQLite file whose folder cannot be made
+        _fail(f"cannot open the database {_db_label(settings)!r}: {exc.strerror or exc}", 1)
+
+
 @contextmanager
 def _database(settings: Settings, *, set_up_empty: bool = True) -> Iterator[Engine]:
     """The configured database, which must be at the current schema revision (exit 2 with
     the `newsbot db upgrade` hint otherwise). A database with no newsbot tables at all is what
     a first run finds: unless ``set_up_empty`` is false (``serve``), it is upgraded here."""
-    engine = make_engine(settings.database.url)
+    engine = _engine(settings)
     try:
         try:
             if set_up_empty and schema.is_empty(engine):

@@ -52,7 +52,15 @@ FOLLOWERS = [READER, OPERATOR] + [f"o_demo_follower_{i:02d}" for i in range(48)]
 
 
 class DemoError(Exception):
-    pass
+    """The demo could not run; ``code`` is the CLI exit code (see ``bot.cli``)."""
+
+    code = 1
+
+
+class DemoRefused(DemoError):
+    """The request itself is wrong (e.g. a --dir the demo may not use): nothing was touched."""
+
+    code = 2
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -67,9 +75,9 @@ def prepare_dir(workdir: Path) -> Path:
     workdir = workdir.resolve()
     if workdir.exists():
         if not workdir.is_dir():
-            raise DemoError(f"{workdir} is a file, not a folder; choose another --dir")
+            raise DemoRefused(f"{workdir} is a file, not a folder; choose another --dir")
         if any(workdir.iterdir()) and not (workdir / MARKER).exists():
-            raise DemoError(f"{workdir} is not empty and was not made by `newsbot demo`; "
+            raise DemoRefused(f"{workdir} is not empty and was not made by `newsbot demo`; "
                             "choose another --dir or remove it yourself")
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
@@ -307,7 +315,7 @@ def run_demo(*, port: int | None, workdir: Path, chat: bool, console: Console) -
         return 0
     except (DemoError, SettingsError) as exc:
         console.print(str(exc), style="red", markup=False)
-        return 2 if isinstance(exc, SettingsError) else 1
+        return 2 if isinstance(exc, SettingsError) else exc.code
     finally:
         if fake is not None:
             fake.stop()
