@@ -8,6 +8,7 @@ import bottle
 from sqlalchemy import Engine, text
 
 from bot.settings import Settings
+from bot.web import policy
 from bot.wechat.webhook import Webhook
 
 log = logging.getLogger("newsbot.app")
@@ -16,7 +17,7 @@ log = logging.getLogger("newsbot.app")
 def create_app(settings: Settings, engine: Engine) -> bottle.Bottle:
     from bot.web import reader  # imported here so the webhook can be tested without it
 
-    app = bottle.Bottle()
+    app = policy.App()  # fixed error pages, nosniff/no-store, unhandled errors logged once
     Webhook(settings, engine).install(app)
     reader.install(app, settings=settings, engine=engine)
 
@@ -30,10 +31,5 @@ def create_app(settings: Settings, engine: Engine) -> bottle.Bottle:
             bottle.response.status = 503
             return {"status": "unavailable", "database": "unreachable"}
         return {"status": "ok", "database": "ok"}
-
-    @app.error(404)  # type: ignore[untyped-decorator]
-    def not_found(_err: bottle.HTTPError) -> str:
-        bottle.response.content_type = "text/plain; charset=utf-8"
-        return "not found"
 
     return app

@@ -56,6 +56,7 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 # What a logged message type may contain: WeChat's types and event names are short identifiers.
 _LOG_TYPE = re.compile(r"[^a-z0-9_.:-]")
 MAX_NONCE_CHARS = 128
+_ECHOSTR = re.compile(r"[A-Za-z0-9._~-]{1,128}")  # URL-unreserved characters
 # WeChat's deepest pushes (SendPicsInfo/PicList/item/PicMd5Sum, CopyrightCheckResult/…) nest 4
 # elements inside <xml>; deeper is forged, and WeRoBot recurses on it (str() of nested dicts).
 MAX_XML_DEPTH = 8
@@ -315,9 +316,13 @@ class Webhook:
             self._check_signature(bottle.request.query)
         except BadRequest as exc:
             return self._refuse(exc, req)
+        echostr = str(bottle.request.query.get("echostr", ""))
+        if not _ECHOSTR.fullmatch(echostr):  # it is reflected: WeChat's is a short number
+            return self._refuse(BadRequest(400, "bad echostr"), req)
         bottle.response.content_type = "text/plain; charset=utf-8"
+        bottle.response.set_header("X-Content-Type-Options", "nosniff")
         req.emit("ok", 200)
-        return str(bottle.request.query.get("echostr", ""))
+        return echostr
 
     def _refuse(self, exc: BadRequest, req: RequestLog) -> str:
         req.emit(f"refused-{exc.status}", exc.status, exc.detail)
