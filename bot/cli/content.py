@@ -31,6 +31,7 @@ from storage.db import transaction
 from storage.errors import (
     UnknownIssue,
 )
+from storage.images import check_images
 from storage.issues import IssuePreview, get_issue, list_issues, publish_issue, upsert_issue
 from storage.models import utcnow
 
@@ -64,6 +65,7 @@ def issue_import(
         for path in files:
             try:
                 parsed = parse_issue_file(path, default_free_percent=default_free)
+                check_images(parsed.body_md, file=str(path), hosts=settings.reader.image_hosts)
             except IssueFileError as exc:
                 failed += 1
                 results.append({"file": str(path), "status": "error", "field": exc.field,
