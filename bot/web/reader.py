@@ -377,7 +377,6 @@ def render_issue_page(
         body=body,
         unlock=unlock,
         pager=_pager_html(prev, next_),
-        unit=_e(unit),
     )
     return _page(
         title=f"第{p.number}期｜{p.title}",
