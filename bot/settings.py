@@ -16,6 +16,9 @@ from handlers.config import ChatConfig
 
 PLACEHOLDER_PREFIX = "CHANGE-ME"
 ENV_PREFIX = "NEWSBOT_"
+# A DNS name as it may appear in a CSP host source: lowercase labels, at least one dot.
+_HOSTNAME_RE = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+"
+                          r"[a-z][a-z0-9-]{0,61}[a-z0-9]")
 
 
 class SettingsError(Exception):
@@ -71,6 +74,17 @@ class ReaderSettings(_Section):
     secret: str = ""
     previous_secrets: list[str] = []
     link_ttl_hours: int = Field(168, ge=1)
+    # Hosts whose https:// images issues may show; they join the pages' CSP img-src.
+    image_hosts: list[str] = []
+
+    @field_validator("image_hosts")
+    @classmethod
+    def _bare_hosts(cls, v: list[str]) -> list[str]:
+        for host in v:
+            if not _HOSTNAME_RE.fullmatch(host):
+                raise ValueError(f"{host!r} is not a host name; write bare lowercase names "
+                                 "such as img.example.com (no https://, path, port or *)")
+        return v
 
 
 class TokenSettings(_Section):

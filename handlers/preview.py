@@ -1,5 +1,6 @@
-"""试读: the start of the free excerpt that fits one reply, and a link to all of it. A free or
-already unlocked issue needs no 试读: the reply says so and links to the full text."""
+"""试读: a taste of the free excerpt (its first paragraph, at most ~120 字) and a link to the
+whole excerpt on the reader page, so the bubble stays about one phone screen. A free or already
+unlocked issue needs no 试读: the reply says so and links to the full text."""
 
 from __future__ import annotations
 
@@ -13,6 +14,40 @@ from storage.content import plain_text
 from storage.errors import UnknownIssue
 
 router = Router("preview")
+
+# Length of the taste in 字 (non-space characters): about four lines of a chat bubble.
+TASTE_CHARS = 120
+_SENTENCE_ENDS = frozenset("。！？!?；;")
+_CLOSERS = frozenset("”’」』）)》\"'")
+
+
+def _chars(text: str) -> int:
+    return sum(not ch.isspace() for ch in text)
+
+
+def taste(excerpt_md: str, limit: int = TASTE_CHARS) -> str:
+    """The excerpt's first paragraph as plain text, cut at the last sentence end within
+    ``limit`` 字 when longer (mid-sentence only if no sentence ends early enough); "…" marks
+    that the excerpt goes on."""
+    paragraphs = [p.strip() for p in plain_text(excerpt_md).split("\n\n") if p.strip()]
+    first = paragraphs.pop(0) if paragraphs else ""
+    while paragraphs and _chars(first) < limit // 3:  # a heading or a short line leads
+        first += "\n" + paragraphs.pop(0)
+    count, cut = 0, 0
+    for i, ch in enumerate(first):
+        count += not ch.isspace()
+        if count > limit:
+            break
+        if ch in _SENTENCE_ENDS:
+            cut = i + 1
+            while cut < len(first) and first[cut] in _CLOSERS:  # keep 。」 together
+                cut += 1
+    else:
+        return first + ("…" if paragraphs else "")
+    hard = i
+    # A sentence end in the last third of the budget reads better than a cut mid-sentence.
+    end = cut if _chars(first[:cut]) >= limit // 3 else hard
+    return first[:end].rstrip() + "…"
 
 
 @router.command(rf"(?:试读|preview)(?:\s*(?:第\s*)?(?P<n>{ISSUE_NUMBER})\s*期?)?")
@@ -38,7 +73,7 @@ def preview(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
                     f"{link}")
     head = f"📖 试读｜{issue_heading(item)}"
     if has_excerpt(item):
-        body = plain_text(item.excerpt_md)
+        body = taste(item.excerpt_md)
         foot = f"\n\n阅读完整试读（约 {item.excerpt_char_count:,} 字）：\n{link}"
     else:
         body = f"本期没有免费试读部分，回复「第{item.number}期」查看本期话题。"

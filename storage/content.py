@@ -671,6 +671,11 @@ def _cut_paragraph(src: str, budget: int, para: _Block) -> tuple[str, int] | Non
     return None
 
 
+# A paragraph of nothing but (possibly linked) images: its 字 are only alt text, so at the end
+# of an excerpt it would give a locked picture away.
+_IMAGES_ONLY = re.compile(r"<p>(?:\s*(?:<a [^>]*>)?<img [^>]*>(?:</a>)?)+\s*</p>\n")
+
+
 def make_excerpt(body_md: str, free_percent: int) -> tuple[str, int]:
     """The free part of ``body_md`` and its 字 count.
 
@@ -705,7 +710,8 @@ def make_excerpt(body_md: str, free_percent: int) -> tuple[str, int]:
         # Blocks without any 字 (an image, a rule) at the end of the run would be given away for
         # nothing; they are only free when free text follows them.
         # Likewise a heading whose section is all locked reads as a cliff-hanger with no text.
-        while k > 0 and (blocks[k - 1].chars == 0 or blocks[k - 1].kind == "heading_open"):
+        while k > 0 and (blocks[k - 1].chars == 0 or blocks[k - 1].kind == "heading_open"
+                         or _IMAGES_ONLY.fullmatch(blocks[k - 1].html)):
             k -= 1
         if k == 0:
             break

@@ -349,3 +349,15 @@ def read_issue(session: Session, *, number: int, openid: str,
     preview = _preview(row, default_free_percent)
     unlocked = row.price == 0 or has_entitlement(session, openid=openid, issue_number=number)
     return IssueReading(preview, unlocked, row.body_md if unlocked else row.excerpt_md)
+
+
+def neighbours(session: Session, *, number: int, default_free_percent: int
+               ) -> tuple[IssuePreview | None, IssuePreview | None]:
+    """The published issues just before and just after ``number`` (by number), for a reader
+    page's previous/next links."""
+    before = session.exec(_previews().where(_published(), Issue.number < number)
+                          .order_by(col(Issue.number).desc()).limit(1)).first()
+    after = session.exec(_previews().where(_published(), Issue.number > number)
+                         .order_by(col(Issue.number)).limit(1)).first()
+    return (None if before is None else _preview(before, default_free_percent),
+            None if after is None else _preview(after, default_free_percent))

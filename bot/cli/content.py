@@ -40,6 +40,7 @@ from storage.db import transaction
 from storage.errors import (
     UnknownIssue,
 )
+from storage.images import image_problems
 from storage.issues import (
     ImportPlan,
     IssuePreview,
@@ -239,9 +240,13 @@ def issue_import(
     problems: list[IssueProblem] = []
     for path in files:
         try:
-            parsed.append(parse_issue_file(path, default_free_percent=default_free))
+            issue = parse_issue_file(path, default_free_percent=default_free)
         except IssueFileError as exc:
             problems += exc.problems
+            continue
+        parsed.append(issue)
+        problems += image_problems(issue.body_md, file=str(path),
+                                   hosts=settings.reader.image_hosts)
     problems += duplicate_numbers(parsed)
     if problems:  # before the database is even opened
         _refuse(problems, as_json, "fix them and run the import again")

@@ -28,6 +28,11 @@ class ReaderLinks:
     def path(self, openid: str, issue: int, *, now: float | None = None) -> str:
         expires = int((now if now is not None else time.time())
                       + self.settings.reader.link_ttl_hours * 3600)
+        return self.path_until(openid, issue, expires)
+
+    def path_until(self, openid: str, issue: int, expires: int) -> str:
+        """A link that expires at ``expires``: a page links to other issues with its own
+        expiry, so following links never makes a link last longer."""
         sig = _mac(self.settings.reader.secret, openid, issue, expires)
         query = urlencode({"u": openid, "e": expires, "s": sig})
         return f"{READER_PREFIX}/{issue}?{query}"
