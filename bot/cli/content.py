@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
+from zoneinfo import ZoneInfo
 
 import typer
 from rich.panel import Panel
@@ -17,10 +18,12 @@ from bot.cli.base import (
     _database,
     _dump,
     _fail,
+    _header,
     _iso,
     _local,
     _settings,
     _status,
+    _when,
     _zone,
     err,
     issue_app,
@@ -35,13 +38,13 @@ from storage.issues import IssuePreview, get_issue, list_issues, publish_issue, 
 from storage.models import utcnow
 
 
-def _issue_summary(issue: IssuePreview, now: datetime) -> dict[str, Any]:
+def _issue_summary(issue: IssuePreview, now: datetime, zone: ZoneInfo) -> dict[str, Any]:
     return {
         "number": issue.number,
         "title": issue.title,
         "price": issue.price,
         "free_percent": issue.free_percent,
-        "published": _iso(issue.published_at),
+        "published": _iso(issue.published_at, zone),
         "status": _status(issue, now),
         "char_count": issue.char_count,
         "excerpt_char_count": issue.excerpt_char_count,
@@ -99,15 +102,14 @@ def issue_list(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt = 
     with _database(settings) as engine, transaction(engine) as session:
         items = list_issues(session, default_free_percent=settings.content.free_percent,
                             include_drafts=True)
-    now = utcnow()
+    now, zone = utcnow(), _zone(settings)
     if as_json:
-        _dump([_issue_summary(i, now) for i in items])
+        _dump([_issue_summary(i, now, zone) for i in items])
         return
     if not items:
         out.print("no issues yet: import one with `newsbot issue import FILE`", markup=False)
         return
-    zone = _zone(settings)
-    table = Table("#", "title", "price", "status", "字", "free 字")
+    table = Table("#", "title", "price", _header("status", zone), "字", "free 字")
     table.columns[1].overflow = "fold"
     for i in items:
         status = _status(i, now)
@@ -134,17 +136,16 @@ def issue_show(
                               include_drafts=True)
         except UnknownIssue:
             _fail(f"no issue {number}", 1)
-    now = utcnow()
+    now, zone = utcnow(), _zone(settings)
     topics = [{"title": t.title, "questions": list(t.questions)} for t in issue.topics]
     if as_json:
-        _dump({**_issue_summary(issue, now), "summary": issue.summary, "topics": topics,
+        _dump({**_issue_summary(issue, now, zone), "summary": issue.summary, "topics": topics,
                "excerpt": issue.excerpt_md})
         return
-    zone = _zone(settings)
     status = _status(issue, now)
     lines = [
         f"#{issue.number} {issue.title}",
-        f"status: {status}" + (f" ({_local(issue.published_at, zone)})"
+        f"status: {status}" + (f" {_when(issue.published_at, zone)}"
                                if issue.published_at else ""),
         f"price: {issue.price} {settings.tokens.name}; free excerpt {issue.free_percent}% = "
         f"{issue.excerpt_char_count:,} of {issue.char_count:,} 字",
@@ -175,8 +176,8 @@ def issue_publish(
         except UnknownIssue:
             _fail(f"no issue {number}: import it first with `newsbot issue import FILE`", 1)
         issue = publish_issue(session, number=number, at=now)
-    when = _local(issue.published_at, _zone(settings))
+    when = _when(issue.published_at, _zone(settings))
     if before.published_at is not None and before.published_at <= now:
-        out.print(f"#{number} {before.title} was already published ({when})", markup=False)
+        out.print(f"#{number} {before.title} was already published at {when}", markup=False)
     else:
-        out.print(f"published #{number} {before.title} ({when})", markup=False)
+        out.print(f"published #{number} {before.title} at {when}", markup=False)
