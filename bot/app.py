@@ -2,38 +2,19 @@
 
 from __future__ import annotations
 
-import logging
-
 import bottle
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from bot.settings import Settings
+from bot.web import health, policy
 from bot.wechat.webhook import Webhook
-
-log = logging.getLogger("newsbot.app")
 
 
 def create_app(settings: Settings, engine: Engine) -> bottle.Bottle:
     from bot.web import reader  # imported here so the webhook can be tested without it
 
-    app = bottle.Bottle()
+    app = policy.App()  # fixed error pages, nosniff/no-store, unhandled errors logged once
     Webhook(settings, engine).install(app)
     reader.install(app, settings=settings, engine=engine)
-
-    @app.get("/healthz")  # type: ignore[untyped-decorator]
-    def healthz() -> dict[str, str]:
-        try:
-            with engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-        except Exception as exc:
-            log.warning("health check: database unreachable: %s", type(exc).__name__)
-            bottle.response.status = 503
-            return {"status": "unavailable", "database": "unreachable"}
-        return {"status": "ok", "database": "ok"}
-
-    @app.error(404)  # type: ignore[untyped-decorator]
-    def not_found(_err: bottle.HTTPError) -> str:
-        bottle.response.content_type = "text/plain; charset=utf-8"
-        return "not found"
-
+    health.install(app, engine=engine)
     return app

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import re
-import unicodedata
 
 from handlers.format import ledger_line
-from handlers.router import Context, Incoming, Reply, Router, Text
+from handlers.numbers import parse_int
+from handlers.router import Context, Incoming, Reply, Router, Text, normalize
 from storage import ledger, subscribers
-from storage.errors import UnknownSubscriber
+from storage.errors import InsufficientBalance, UnknownSubscriber
 from storage.ledger import CreditKind
 
 router = Router("admin")
@@ -21,7 +21,7 @@ USAGE = (
 
 def _args(msg: Incoming) -> list[str]:
     # Openids are case-sensitive: parse the original text, not the lower-cased command.
-    return unicodedata.normalize("NFKC", msg.raw_text).strip().split(maxsplit=3)
+    return normalize(msg.raw_text, fold_case=False).split(maxsplit=3)
 
 
 def _credit(ctx: Context, msg: Incoming, kind: CreditKind) -> Reply:
@@ -29,19 +29,24 @@ def _credit(ctx: Context, msg: Incoming, kind: CreditKind) -> Reply:
     if len(args) < 4:
         return Text(f"参数不全。\n{USAGE}")
     _, openid, raw_amount, reason = args
+    amount = parse_int(raw_amount, signed=True)
+    if amount is None:
+        return Text(f"数量必须是整数（只用数字 0-9，减少用 -，不加 +），收到「{raw_amount}」，"
+                    f"未执行。\n{USAGE}")
     try:
-        amount = int(raw_amount)
-    except ValueError:
-        return Text(f"数量必须是整数，收到「{raw_amount}」。\n{USAGE}")
-    result = ledger.credit(
-        ctx.session, openid=openid, amount=amount, kind=kind, key=ctx.key, reason=reason,
-        operator=msg.openid, max_topup=ctx.config.max_topup,
-    )
+        result = ledger.credit(
+            ctx.session, openid=openid, amount=amount, kind=kind, key=ctx.key, reason=reason,
+            operator=msg.openid, max_topup=ctx.config.max_topup,
+        )
+    except InsufficientBalance as err:
+        # Name the subscriber: the operator is not the one whose balance this is.
+        return Text(f"余额不足，未执行：{openid} 的余额：{err.balance} {ctx.unit}，"
+                    f"调整 {amount:+d} {ctx.unit}会使余额低于 0。")
     verb = "充值" if kind == "topup" else "调整"
     again = "（重复指令，未再次执行）" if result.replayed else ""
     return Text(
         f"✅ 已为 {openid} {verb} {result.entry.amount:+d} {ctx.unit}{again}\n"
-        f"当前余额 {result.balance} {ctx.unit}\n原因：{result.entry.reason}"
+        f"{openid} 的当前余额 {result.balance} {ctx.unit}\n原因：{result.entry.reason}"
     )
 
 

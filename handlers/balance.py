@@ -1,4 +1,4 @@
-"""余额: the balance and the latest ledger entries."""
+"""余额: the balance and the latest ledger entries; 充值: how to get tokens."""
 
 from __future__ import annotations
 
@@ -27,3 +27,13 @@ def balance(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
     lines.append("")
     lines.append(ctx.config.how_to_get)
     return Text("\n".join(lines))
+
+
+@router.command(r"(?:怎么|如何|怎样|我要|我想|在哪)?(?:充值|买豆|购买|充钱)(?:方式|方法)?[?!.。~]*"
+                r"|top ?up|recharge")
+@router.click("TOPUP")
+@reads_only
+def how_to_top_up(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
+    amount = ctx.standing(msg.openid, None).balance
+    return Text(f"💰 你的余额：{amount} {ctx.unit}\n\n{ctx.config.how_to_get}\n"
+                f"到账后回复「余额」查看。")

@@ -73,41 +73,83 @@ def issue_heading(issue: IssuePreview) -> str:
 
 
 def issue_card(
-    issue: IssuePreview, *, unit: str, balance: int, unlocked: bool, lead: str = ""
+    issue: IssuePreview, *, unit: str, balance: int, unlocked: bool, lead: str = "",
+    link: str | None = None, how_to_get: str = "",
 ) -> str:
-    """Title, summary, topics with their questions, price, balance and what to reply next.
-    Questions are dropped (topics kept) if the whole card would not fit one reply."""
+    """Title, summary, topics with their questions, price, balance and what this reader can
+    do next: read (free or unlocked), unlock (enough tokens) or get tokens (too few).
+    ``link`` is the reader's full-text link, shown for a free issue. Questions, then topics
+    are dropped if the whole card would not fit one reply."""
+    n = issue.number
     head = [lead] if lead else []
     head.append(f"📰 {issue_heading(issue)}")
     if issue.summary:
         head.append(issue.summary)
-    tail = ["", f"全文约 {issue.char_count:,} 字，免费试读约 {issue.free_percent}%。"]
+    size = f"全文约 {issue.char_count:,} 字"
     if issue.is_free:
-        tail += ["本期免费阅读。", "回复「全文」阅读全部内容"]
+        tail = ["", f"🎁 本期免费｜{size}"]
+        tail.append(f"阅读全文：{link}" if link else f"回复「全文 {n}」免费阅读全文")
+        more = f"回复「全文 {n}」查看"
     elif unlocked:
-        tail += [f"你已解锁本期｜余额 {balance} {unit}", f"回复「全文 {issue.number}」阅读全部内容"]
+        tail = ["", f"✅ 你已解锁本期｜{size}｜余额 {balance} {unit}",
+                f"回复「全文 {n}」阅读全部内容"]
+        more = f"回复「全文 {n}」查看"
     else:
-        tail += [
-            f"价格 {issue.price} {unit}｜你的余额 {balance} {unit}",
-            f"回复「试读 {issue.number}」免费读前 {issue.free_percent}%",
-            f"回复「兑换 {issue.number}」用 {issue.price} {unit}解锁全文",
-        ]
-    return _with_topics(issue, head, tail, heading="本期话题")
+        more = f"回复「试读 {n}」查看" if has_excerpt(issue) else f"回复「兑换 {n}」解锁后查看"
+        taste = ([f"回复「试读 {n}」免费读前 {issue.free_percent}%"] if has_excerpt(issue)
+                 else [])
+        if balance >= issue.price:
+            tail = ["", f"{size}｜价格 {issue.price} {unit}｜你的余额 {balance} {unit}",
+                    *taste, f"回复「兑换 {n}」用 {issue.price} {unit}解锁全文"]
+        else:
+            short = issue.price - balance
+            tail = ["", f"{size}｜价格 {issue.price} {unit}｜你的余额 {balance} {unit}"
+                        f"（还差 {short} {unit}）",
+                    *taste, how_to_get or f"回复「充值」了解如何获取{unit}",
+                    f"{unit}够了之后回复「兑换 {n}」解锁全文"]
+    return _with_topics(issue, head, tail, heading="本期话题", more=more)
 
 
-def _with_topics(issue: IssuePreview, head: list[str], tail: list[str], *, heading: str) -> str:
-    """head, the topics with their questions, tail — dropping the questions, then the topics,
-    when the text would not fit one message, so the price and next steps always survive."""
-    for with_questions in (True, False):
-        body = ["", heading] if heading else [""]
-        for i, topic in enumerate(issue.topics):
-            body.append(f"{ordinal(i)}、{topic.title}")
-            if with_questions:
-                body += [f"  · {q}" for q in topic.questions]
+def has_excerpt(issue: IssuePreview) -> bool:
+    """Whether a paid issue has a free part to offer (free_percent can be 0)."""
+    return bool(issue.excerpt_md.strip())
+
+
+# A topic title longer than this (about 80 字) is cut so one topic cannot crowd out the rest.
+_TOPIC_TITLE_BYTES = 240
+
+
+def _with_topics(issue: IssuePreview, head: list[str], tail: list[str], *, heading: str,
+                 more: str) -> str:
+    """head, the topics with their questions, tail. When that would not fit one message the
+    questions go first, then topics from the end (saying how many more there are and ``more``,
+    how to see them), so the price and next steps always survive."""
+    titles = [fit_bytes(t.title, _TOPIC_TITLE_BYTES) for t in issue.topics]
+    # An overlong summary is cut to leave room for the tail and a few topics.
+    fixed = byte_len("\n".join([*head[:-1], *tail])) + 300
+    if issue.summary and head and head[-1] == issue.summary:
+        head = [*head[:-1], fit_bytes(issue.summary, max(REPLY_LIMIT_BYTES - fixed, 0))]
+    top = ["", heading] if heading else [""]
+
+    def compose(body: list[str]) -> str | None:
         text = "\n".join(head + body + tail)
-        if byte_len(text) <= REPLY_LIMIT_BYTES:
-            return text
-    return fit_bytes("\n".join(head + tail))
+        return text if byte_len(text) <= REPLY_LIMIT_BYTES else None
+
+    with_questions: list[str] = []
+    for i, (title, topic) in enumerate(zip(titles, issue.topics, strict=True)):
+        with_questions.append(f"{ordinal(i)}、{title}")
+        with_questions += [f"  · {q}" for q in topic.questions]
+    found = compose(top + with_questions) or compose(
+        top + [f"{ordinal(i)}、{t}" for i, t in enumerate(titles)])
+    for shown in range(len(titles) - 1, -1, -1):
+        if found is not None:
+            break
+        hidden = len(titles) - shown
+        note = (f"……还有 {hidden} 个话题，{more}" if shown
+                else f"本期共 {hidden} 个话题，{more}")
+        found = compose(top + [f"{ordinal(i)}、{t}" for i, t in enumerate(titles[:shown])]
+                        + [note])
+    return found if found is not None else fit_bytes("\n".join(head + tail))
 
 
 _KIND_LABELS = {"topup": "充值", "adjust": "调整", "redeem": "兑换"}
@@ -120,13 +162,21 @@ def ledger_line(entry: LedgerEntry, unit: str) -> str:
     return f"{when} {label} {entry.amount:+d} {unit}（{what}）"
 
 
-def broadcast_text(issue: IssuePreview, *, unit: str) -> str:
-    """The weekly push: title, topics with their questions, and how to read. Questions are
+def broadcast_text(issue: IssuePreview, *, unit: str, publication: str = "会员通讯") -> str:
+    """The weekly push: title, topics with their questions, and how to read. Every command
+    names the issue, so answering an older push is about that push's issue. Questions are
     dropped (topics kept) if the message would pass WeChat's text limit."""
-    head = [f"📰 新一期会员通讯：{issue_heading(issue)}"]
+    n = issue.number
+    head = [f"📰 《{publication}》新一期：{issue_heading(issue)}"]
     if issue.summary:
         head.append(issue.summary)
-    tail = ["", "回复「本周」查看本期，回复「试读」免费阅读开头部分"]
-    if not issue.is_free:
-        tail.append(f"回复「兑换」用 {issue.price} {unit}解锁全文")
-    return _with_topics(issue, head, tail, heading="")
+    if issue.is_free:
+        tail = ["", f"🎁 本期免费：回复「全文 {n}」阅读全文"]
+        more = f"回复「全文 {n}」查看"
+    else:
+        tail = ["", f"回复「第{n}期」查看本期详情与你的余额"]
+        if has_excerpt(issue):
+            tail.append(f"回复「试读 {n}」免费阅读开头部分")
+        tail.append(f"回复「兑换 {n}」用 {issue.price} {unit}解锁全文")
+        more = f"回复「第{n}期」查看"
+    return _with_topics(issue, head, tail, heading="", more=more)

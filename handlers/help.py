@@ -13,12 +13,18 @@ HELP = """📮 可用指令
 试读 [期号] — 免费试读
 兑换 [期号] — 用{unit}解锁全文
 全文 [期号] — 获取全文链接
-往期 — 往期目录
-3 / 第3期 — 查看某一期
+往期 [页码] — 往期目录
+3 / 第3期 / 第三期 — 查看某一期
 余额 — {unit}余额与最近记录
+充值 — 如何获取{unit}
+订阅 / 退订 — 订阅与退订说明
+人工 — 找编辑
 帮助 — 显示本说明
 
 期号可省略，默认本期。"""
+
+HUMAN = ("好的。编辑会看这里的留言并回复你：请把你的问题直接写在下一条消息里"
+         "（一条说清楚最好），我们会尽快答复。")
 
 HINT = "没太明白你的意思 🙂 回复「帮助」查看可用指令，回复「本周」看本期内容。"
 
@@ -28,6 +34,12 @@ HINT = "没太明白你的意思 🙂 回复「帮助」查看可用指令，回
 @reads_only
 def show_help(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
     return Text(HELP.format(unit=ctx.unit))
+
+
+@router.command(r"(?:转|找|联系)?(?:人工|真人|客服|编辑|编辑部)(?:客服|服务)?[?!.。~]*|human")
+@reads_only
+def ask_for_a_person(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
+    return Text(HUMAN)
 
 
 @router.message()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from handlers.format import fit_bytes, issue_card, issue_heading
+from handlers.numbers import ISSUE_NUMBER
 from handlers.router import Context, Incoming, Reply, Router, Text, issue_arg, reads_only
 from storage import issues, ledger
 from storage.errors import UnknownIssue, UnknownSubscriber
@@ -27,7 +28,9 @@ def card_for(ctx: Context, openid: str, number: int | None, *, lead: str = "") -
     if not standing.known:
         raise UnknownSubscriber(openid)
     return issue_card(preview, unit=ctx.unit, balance=standing.balance,
-                      unlocked=standing.unlocked, lead=lead)
+                      unlocked=standing.unlocked, lead=lead,
+                      link=ctx.make_link(openid, preview.number) if preview.is_free else None,
+                      how_to_get=ctx.config.how_to_get)
 
 
 @router.command(r"本周|最新|latest|本期|this week")
@@ -37,27 +40,31 @@ def latest(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
     return Text(card_for(ctx, msg.openid, None))
 
 
-@router.command(r"(?:第\s*(?P<a>\d{1,6})\s*期|w\s*(?P<b>\d{1,6})|week\s*(?P<c>\d{1,6})|(?P<d>\d{1,6}))")
+@router.command(rf"(?:第\s*(?P<a>{ISSUE_NUMBER})\s*期|w\s*(?P<b>[0-9]{{1,6}})"
+                rf"|week\s*(?P<c>[0-9]{{1,6}})|(?P<d>[0-9]{{1,6}}))")
 @reads_only
 def by_number(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
     assert match is not None
-    number = int(next(g for g in match.groups() if g))
-    return Text(card_for(ctx, msg.openid, number))
+    group = next(name for name, value in match.groupdict().items() if value)
+    return Text(card_for(ctx, msg.openid, issue_arg(match, group)))
 
 
-@router.command(r"(?:往期|list|archive)(?:\s*(?P<n>\d{1,4}))?")
+@router.command(r"(?:往期|list|archive)(?:\s*第?\s*(?P<n>[0-9]{1,4})\s*页?)?")
 @router.click("ARCHIVE")
 @reads_only
 def archive(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
-    page = max(issue_arg(match) or 1, 1)
+    asked = issue_arg(match) or 1
     all_issues = issues.list_issues(ctx.session, default_free_percent=ctx.free_percent)
     if not all_issues:
         raise UnknownIssue(None)
     pages = (len(all_issues) + ARCHIVE_PAGE_SIZE - 1) // ARCHIVE_PAGE_SIZE
-    page = min(page, pages)
+    page = min(max(asked, 1), pages)
+    # Past the end (or page 0): say so, then show the nearest page rather than silently another.
+    missing = [f"没有第 {asked} 页，往期目录共 {pages} 页，下面是第 {page} 页。", ""] \
+        if page != asked else []
     unlocked = ledger.unlocked_issues(ctx.session, openid=msg.openid)
     chunk = all_issues[(page - 1) * ARCHIVE_PAGE_SIZE : page * ARCHIVE_PAGE_SIZE]
-    lines = [f"往期目录（第 {page}/{pages} 页，共 {len(all_issues)} 期）"]
+    lines = [*missing, f"往期目录（第 {page}/{pages} 页，共 {len(all_issues)} 期）"]
     for item in chunk:
         mark = "✅已解锁" if item.number in unlocked else ("免费" if item.is_free else "")
         lines.append(f"{issue_heading(item)} {mark}".rstrip())
@@ -65,4 +72,6 @@ def archive(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
     lines.append("回复期号（如「3」或「第3期」）查看该期话题")
     if page < pages:
         lines.append(f"回复「往期 {page + 1}」看下一页")
+    if page > 1:
+        lines.append(f"回复「往期 {page - 1}」看上一页")
     return Text(fit_bytes("\n".join(lines)))

@@ -1,10 +1,12 @@
-"""试读: the start of the free excerpt that fits one reply, and a link to all of it."""
+"""试读: the start of the free excerpt that fits one reply, and a link to all of it. A free or
+already unlocked issue needs no 试读: the reply says so and links to the full text."""
 
 from __future__ import annotations
 
 import re
 
-from handlers.format import REPLY_LIMIT_BYTES, byte_len, fit_bytes, issue_heading
+from handlers.format import REPLY_LIMIT_BYTES, byte_len, fit_bytes, has_excerpt, issue_heading
+from handlers.numbers import ISSUE_NUMBER
 from handlers.router import Context, Incoming, Reply, Router, Text, issue_arg, reads_only
 from storage import issues
 from storage.content import plain_text
@@ -13,7 +15,7 @@ from storage.errors import UnknownIssue
 router = Router("preview")
 
 
-@router.command(r"(?:试读|preview)(?:\s*(?:第\s*)?(?P<n>\d{1,6})\s*期?)?")
+@router.command(rf"(?:试读|preview)(?:\s*(?:第\s*)?(?P<n>{ISSUE_NUMBER})\s*期?)?")
 @router.click("PREVIEW")
 @reads_only
 def preview(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
@@ -25,14 +27,28 @@ def preview(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
         item = current
     else:
         item = issues.get_issue(ctx.session, number=number, default_free_percent=ctx.free_percent)
-    head = f"📖 试读｜{issue_heading(item)}"
     link = ctx.make_link(msg.openid, item.number)
-    body = plain_text(item.excerpt_md) if item.excerpt_md else "本期没有免费试读部分。"
-    foot = (
-        f"\n\n阅读完整试读（约 {item.excerpt_char_count:,} 字）：\n{link}"
-        if item.excerpt_md or item.is_free else f"\n\n{link}"
-    )
-    if not item.is_free:
+    size = f"约 {item.char_count:,} 字"
+    if item.is_free:
+        return Text(f"📖 {issue_heading(item)}\n\n🎁 本期全部免费，无需试读，可直接阅读全文"
+                    f"（{size}）：\n{link}")
+    standing = ctx.standing(msg.openid, item.number)
+    if standing.unlocked:
+        return Text(f"📖 {issue_heading(item)}\n\n✅ 你已解锁本期，可直接阅读全文（{size}）：\n"
+                    f"{link}")
+    head = f"📖 试读｜{issue_heading(item)}"
+    if has_excerpt(item):
+        body = plain_text(item.excerpt_md)
+        foot = f"\n\n阅读完整试读（约 {item.excerpt_char_count:,} 字）：\n{link}"
+    else:
+        body = f"本期没有免费试读部分，回复「第{item.number}期」查看本期话题。"
+        foot = f"\n\n本期介绍：\n{link}"
+    if standing.balance >= item.price:
         foot += f"\n\n解锁全文：回复「兑换 {item.number}」（{item.price} {ctx.unit}）"
+    else:
+        short = item.price - standing.balance
+        foot += (f"\n\n解锁全文需 {item.price} {ctx.unit}，你的余额 {standing.balance} {ctx.unit}"
+                 f"，还差 {short} {ctx.unit}。{ctx.config.how_to_get}\n"
+                 f"{ctx.unit}够了之后回复「兑换 {item.number}」解锁全文")
     room = REPLY_LIMIT_BYTES - byte_len(head) - byte_len(foot) - 2
     return Text(f"{head}\n\n{fit_bytes(body, room)}{foot}")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 
-from handlers.format import issue_heading
+from handlers.format import has_excerpt, issue_heading
+from handlers.numbers import ISSUE_NUMBER
 from handlers.router import Context, Incoming, News, Reply, Router, Text, issue_arg, reads_only
 from storage import issues, ledger
-from storage.errors import UnknownIssue
+from storage.errors import InsufficientBalance, UnknownIssue
 from storage.issues import IssuePreview
 
 router = Router("redeem")
@@ -35,12 +36,17 @@ def _full_text_news(ctx: Context, openid: str, item: IssuePreview, note: str) ->
     )
 
 
-@router.command(r"(?:兑换|解锁|unlock|redeem)(?:\s*(?:第\s*)?(?P<n>\d{1,6})\s*期?)?")
+@router.command(rf"(?:兑换|解锁|unlock|redeem)(?:\s*(?:第\s*)?(?P<n>{ISSUE_NUMBER})\s*期?)?")
 @router.click("UNLOCK")
 def unlock(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
     item = _target(ctx, issue_arg(match))
-    result = ledger.redeem(ctx.session, openid=msg.openid, issue_number=item.number,
-                           price=item.price, key=ctx.key)
+    if item.is_free:  # nothing to charge, nothing to write: just the link
+        return _full_text_news(ctx, msg.openid, item, f"本期免费，无需兑换，不扣{ctx.unit}。")
+    try:
+        result = ledger.redeem(ctx.session, openid=msg.openid, issue_number=item.number,
+                               price=item.price, key=ctx.key)
+    except InsufficientBalance as err:
+        return Text(_shortfall(ctx, item, balance=err.balance))
     if result.status == "free":
         return _full_text_news(ctx, msg.openid, item, "本期免费，无需兑换。")
     if result.status == "already":
@@ -52,7 +58,7 @@ def unlock(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
     )
 
 
-@router.command(r"(?:全文|阅读|read)(?:\s*(?:第\s*)?(?P<n>\d{1,6})\s*期?)?")
+@router.command(rf"(?:全文|阅读|read)(?:\s*(?:第\s*)?(?P<n>{ISSUE_NUMBER})\s*期?)?")
 @router.click("READ")
 @reads_only
 def read(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
@@ -71,5 +77,21 @@ def read(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
         lines.append(f"回复「兑换 {item.number}」立即解锁全文")
     else:
         lines.append(f"还差 {item.price - balance} {ctx.unit}。{ctx.config.how_to_get}")
-    lines.append(f"回复「试读 {item.number}」先读免费部分")
+        lines.append(f"{ctx.unit}够了之后回复「兑换 {item.number}」解锁全文")
+    if has_excerpt(item):
+        lines.append(f"回复「试读 {item.number}」先读免费部分")
     return Text("\n".join(lines))
+
+
+def _shortfall(ctx: Context, item: IssuePreview, *, balance: int) -> str:
+    """Too few tokens for 兑换: the numbers, how to get tokens, and what to reply then."""
+    unit = ctx.unit
+    lines = [
+        f"余额不足，未扣费：{issue_heading(item)} 需要 {item.price} {unit}，"
+        f"你的余额 {balance} {unit}，还差 {item.price - balance} {unit}。",
+        ctx.config.how_to_get,
+        f"{unit}够了之后回复「兑换 {item.number}」解锁全文",
+    ]
+    if has_excerpt(item):
+        lines.append(f"现在可以先回复「试读 {item.number}」免费读开头")
+    return "\n".join(lines)

@@ -15,6 +15,7 @@ from typing import Literal, Protocol
 from sqlmodel import Session
 
 from handlers.config import ChatConfig
+from handlers.numbers import BadIssueNumber, issue_number
 from storage import issues, subscribers
 from storage.issues import IssuePreview
 from storage.subscribers import Standing
@@ -145,6 +146,8 @@ class Context:
 Handler = Callable[[Context, Incoming, "re.Match[str] | None"], Reply | None]
 
 _READS_ONLY = "_newsbot_reads_only"
+# Unicode digits, superscripts, circled numbers, Roman numerals…
+_NUMERAL_CATEGORIES = frozenset({"Nd", "No", "Nl"})
 
 
 def reads_only(fn: Handler) -> Handler:
@@ -154,10 +157,34 @@ def reads_only(fn: Handler) -> Handler:
     return fn
 
 
-def normalize(text: str) -> str:
-    """Full-width digits and letters to ASCII, case folded, whitespace collapsed."""
-    text = unicodedata.normalize("NFKC", text)
-    return " ".join(text.split()).lower()
+def _foreign_numeral(ch: str) -> bool:
+    return unicodedata.category(ch) in _NUMERAL_CATEGORIES and not ("0" <= ch <= "9"
+                                                                    or "０" <= ch <= "９")
+
+
+def normalize(text: str, *, fold_case: bool = True) -> str:
+    """Full-width digits and letters to ASCII (NFKC), case folded, whitespace collapsed.
+
+    Numerals other than ASCII and full-width digits are kept as they are: NFKC would turn
+    ``²`` and ``①`` into ``2`` and ``1``, and a command must not read a number the sender
+    did not type (handlers.numbers)."""
+    parts = [
+        run if _foreign_numeral(run[0]) else unicodedata.normalize("NFKC", run)
+        for run in _split_numerals(text)
+    ]
+    text = " ".join("".join(parts).split())
+    return text.lower() if fold_case else text
+
+
+def _split_numerals(text: str) -> list[str]:
+    """``text`` cut into runs, each either all foreign numerals or none."""
+    runs: list[str] = []
+    for ch in text:
+        if runs and _foreign_numeral(ch) == _foreign_numeral(runs[-1][0]):
+            runs[-1] += ch
+        else:
+            runs.append(ch)
+    return runs
 
 
 @dataclass
@@ -247,8 +274,14 @@ def reads_only_route(route: _Route) -> bool:
 
 
 def issue_arg(match: re.Match[str] | None, group: str = "n") -> int | None:
-    """The optional issue number captured by a command pattern."""
+    """The optional issue number captured by a command pattern (digits or Chinese numerals:
+    patterns capture ``handlers.numbers.ISSUE_NUMBER``)."""
     if match is None:
         return None
     value = match.groupdict().get(group)
-    return int(value) if value else None
+    if not value:
+        return None
+    number = issue_number(value)
+    if number is None:  # 一二三: never fall back to the current issue (兑换 would charge it)
+        raise BadIssueNumber(value)
+    return number

@@ -18,6 +18,12 @@ from storage.models import (
 )
 from storage.sql import LOCK_MASS_JOB, insert_ignore, lock_for_transaction
 
+# What the columns of a MASSSENDJOBFINISH report hold: msg_id is a signed BIGINT, the counts
+# are INTEGER, the status a varchar(64). Larger values would fail on PostgreSQL only.
+MAX_MSG_ID = 2**63 - 1
+MAX_COUNT = 2**31 - 1
+MAX_STATUS_CHARS = 64
+
 
 def get_broadcast(session: Session, *, issue_number: int) -> Broadcast | None:
     return session.exec(select(Broadcast).where(Broadcast.issue_number == issue_number)).first()

@@ -16,7 +16,9 @@ import re
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from datetime import UTC, date, datetime, time, timedelta, timezone
+from difflib import SequenceMatcher
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -36,9 +38,13 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "IssueFileError",
+    "IssueProblem",
     "ParsedIssue",
+    "TextDiff",
     "Topic",
     "count_chars",
+    "diff_text",
+    "duplicate_numbers",
     "make_excerpt",
     "parse_issue_file",
     "parse_issue_text",
@@ -64,14 +70,43 @@ _CLOSERS = frozenset("”’」』）】》〉\"')*_~`")
 _FENCE = "+++"
 
 
-class IssueFileError(ValueError):
-    """An issue file is unusable: which file, which field, and what is wrong."""
+@dataclass(frozen=True)
+class IssueProblem:
+    """One thing to fix in an issue file: where (file, 1-based line when known), which field
+    (``price``, ``topics[1].title``, ``front matter``, ``body``, ``file``…) and what is wrong.
+    Parsing collects every problem it can find instead of stopping at the first."""
 
-    def __init__(self, file: str, field: str, message: str) -> None:
-        super().__init__(f"{file}: {field}: {message}")
-        self.file = file
-        self.field = field
-        self.message = message
+    file: str
+    line: int | None
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return f"{where}: {self.field}: {self.message}"
+
+
+class IssueFileError(ValueError):
+    """An issue file is unusable; ``problems`` lists everything that is wrong with it (at
+    least one). ``file``, ``field`` and ``message`` are those of the first problem."""
+
+    def __init__(self, problems: Sequence[IssueProblem]) -> None:
+        if not problems:
+            raise ValueError("IssueFileError needs at least one problem")
+        self.problems = tuple(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+    @property
+    def file(self) -> str:
+        return self.problems[0].file
+
+    @property
+    def field(self) -> str:
+        return self.problems[0].field
+
+    @property
+    def message(self) -> str:
+        return self.problems[0].message
 
 
 @dataclass(frozen=True)
@@ -95,6 +130,10 @@ class ParsedIssue:
     char_count: int
     excerpt_char_count: int
     source_sha256: str
+    file: str = ""  # where it was read from, for messages
+    # 1-based file lines of the front-matter keys ("price", "topics[0].title") and of the
+    # "body", for messages.
+    lines: dict[str, int] = dc_field(default_factory=dict, compare=False)
 
 
 # --------------------------------------------------------------------------- front matter
@@ -212,15 +251,75 @@ def _first_error(exc: ValidationError) -> tuple[str, str]:
     return _field_path(err["loc"]) or "front matter", _error_message(err)
 
 
+_KEY_LINE = re.compile(r"""\s*([A-Za-z0-9_-]+|"[^"]*"|'[^']*')\s*=""")
+_TABLE_LINE = re.compile(r"\s*(\[\[?)\s*([A-Za-z0-9_.-]+)\s*\]")
+
+
+def _key_lines(toml_text: str, first_line: int) -> dict[str, int]:
+    """Where each key of the front matter is written, as field paths like those of
+    ``_field_path`` ("price", "topics[1]", "topics[1].title") → 1-based file lines. A
+    line-oriented scan, good for the plain TOML issue files use; what it cannot place (keys
+    inside inline tables, multi-line strings) simply has no line."""
+    lines: dict[str, int] = {}
+    table = ""
+    counts: dict[str, int] = {}
+    in_multiline = False
+    for n, line in enumerate(toml_text.split("\n")):
+        inside = in_multiline
+        if line.count('"""') % 2 or line.count("'''") % 2:
+            in_multiline = not in_multiline
+        if inside:
+            continue
+        header = _TABLE_LINE.match(line)
+        if header and not _KEY_LINE.match(line):
+            name = header.group(2)
+            if header.group(1) == "[[":
+                index = counts.get(name, 0)
+                counts[name] = index + 1
+                table = f"{name}[{index}]"
+            else:
+                table = name
+            lines.setdefault(table, first_line + n)
+            continue
+        key = _KEY_LINE.match(line)
+        if key:
+            name = key.group(1).strip("\"'")
+            lines.setdefault(f"{table}.{name}" if table else name, first_line + n)
+    return lines
+
+
+def _line_of(path: str, lines: dict[str, int]) -> int | None:
+    """The line of a field path, else of the nearest enclosing one that is written down."""
+    while path:
+        if path in lines:
+            return lines[path]
+        cut = max(path.rfind("."), path.rfind("["))
+        path = path[:cut] if cut > 0 else ""
+    return None
+
+
+def _front_matter_problems(exc: ValidationError, file: str,
+                           lines: dict[str, int]) -> list[IssueProblem]:
+    """Every pydantic error as a problem, in file order (those without a line last)."""
+    problems = []
+    for err in exc.errors():
+        path = _field_path(err["loc"]) or "front matter"
+        problems.append(IssueProblem(file, _line_of(path, lines), path, _error_message(err)))
+    return sorted(problems, key=lambda p: (p.line is None, p.line or 0))
+
+
 def _split_front_matter(text: str, file: str) -> tuple[str, str, int]:
-    """Return (toml, body, number of lines before the TOML) or raise IssueFileError."""
+    """Return (toml, body, file line of the body's first line) or raise IssueFileError."""
     lines = text.split("\n")
     if lines[0].rstrip() != _FENCE:
-        raise IssueFileError(file, "front matter", "missing: the file must start with a +++ line")
+        raise IssueFileError([IssueProblem(
+            file, 1, "front matter", "missing: the file must start with a +++ line")])
     for i in range(1, len(lines)):
         if lines[i].rstrip() == _FENCE:
-            return "\n".join(lines[1:i]), "\n".join(lines[i + 1 :]), 1
-    raise IssueFileError(file, "front matter", "missing the closing +++ line")
+            return "\n".join(lines[1:i]), "\n".join(lines[i + 1 :]), i + 2
+    raise IssueFileError([IssueProblem(
+        file, None, "front matter",
+        "missing the closing +++ line (the TOML front matter must end with a line of +++)")])
 
 
 def _normalise_body(body: str) -> str:
@@ -231,29 +330,54 @@ def _normalise_body(body: str) -> str:
     return "\n".join(lines).rstrip()
 
 
+def _leading_blank_lines(body: str) -> int:
+    lines = body.split("\n")
+    return next((i for i, line in enumerate(lines) if line.strip()), len(lines))
+
+
+def _body_problems(body_md: str, *, file: str, first_line: int) -> list[IssueProblem]:
+    """What is wrong with the Markdown body. ``first_line`` is the file line of the body's
+    first line, so a token's ``map[0]`` is at file line ``first_line + map[0]``. New body
+    checks go here and append problems (field "body")."""
+    if not body_md:
+        return [IssueProblem(file, first_line, "body",
+                             "empty: the issue needs Markdown text after the closing +++ line")]
+    if count_chars(body_md) == 0:
+        return [IssueProblem(file, first_line, "body",
+                             "has no text (only images, rules or markup): readers would see "
+                             "nothing; write the issue's text after the closing +++ line")]
+    return []
+
+
 def _parse(text: str, *, file: str, default_free_percent: int, sha256: str) -> ParsedIssue:
     if not 0 <= default_free_percent <= 100:
         raise ValueError(f"default_free_percent must be 0..100, got {default_free_percent}")
     # A BOM and CRLF line ends are editor artefacts, not content.
     text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
-    toml_text, body, offset = _split_front_matter(text, file)
+    toml_text, body, body_line = _split_front_matter(text, file)
+    problems: list[IssueProblem] = []
+    lines = _key_lines(toml_text, 2)
+    fm: _FrontMatter | None = None
     try:
         raw = tomllib.loads(toml_text)
     except tomllib.TOMLDecodeError as exc:
         # tomllib counts lines from the start of the front matter; report file lines instead.
-        msg = re.sub(r"at line (\d+)", lambda m: f"at line {int(m.group(1)) + offset}", str(exc))
-        raise IssueFileError(file, "front matter", f"not valid TOML: {msg}") from None
-    try:
-        fm = _FrontMatter.model_validate(raw)
-    except ValidationError as exc:
-        field, message = _first_error(exc)
-        raise IssueFileError(file, field, message) from None
+        at = re.search(r"at line (\d+)", str(exc))
+        msg = re.sub(r"at line (\d+)", lambda m: f"at line {int(m.group(1)) + 1}", str(exc))
+        problems.append(IssueProblem(file, int(at.group(1)) + 1 if at else None,
+                                     "front matter", f"not valid TOML: {msg}"))
+    else:
+        try:
+            fm = _FrontMatter.model_validate(raw)
+        except ValidationError as exc:
+            problems += _front_matter_problems(exc, file, lines)
 
     body_md = _normalise_body(body)
-    if not body_md:
-        raise IssueFileError(
-            file, "body", "empty: the issue needs Markdown text after the +++ line"
-        )
+    # An empty body is reported at the closing +++ line, the place to write after.
+    first_line = body_line + _leading_blank_lines(body) if body_md else body_line - 1
+    problems += _body_problems(body_md, file=file, first_line=first_line)
+    if problems or fm is None:
+        raise IssueFileError(problems)
     percent = fm.free_percent if fm.free_percent is not None else default_free_percent
     excerpt_md, excerpt_chars = make_excerpt(body_md, percent)
     return ParsedIssue(
@@ -270,30 +394,52 @@ def _parse(text: str, *, file: str, default_free_percent: int, sha256: str) -> P
         char_count=count_chars(body_md),
         excerpt_char_count=excerpt_chars,
         source_sha256=sha256,
+        file=file,
+        lines={**lines, "body": first_line},
     )
 
 
 def parse_issue_text(text: str, *, file: str, default_free_percent: int) -> ParsedIssue:
-    """Parse an issue from text; ``source_sha256`` is over its UTF-8 encoding."""
+    """Parse an issue from text; ``source_sha256`` is over its UTF-8 encoding. Raises
+    IssueFileError listing every problem found."""
     sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     return _parse(text, file=file, default_free_percent=default_free_percent, sha256=sha)
 
 
 def parse_issue_file(path: Path, *, default_free_percent: int) -> ParsedIssue:
-    """Parse an issue file; ``source_sha256`` is over the file's bytes."""
+    """Parse an issue file; ``source_sha256`` is over the file's bytes. Raises IssueFileError
+    listing every problem found."""
     file = str(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise IssueFileError(file, "file", f"cannot read: {exc.strerror or exc}") from None
+        raise IssueFileError([IssueProblem(
+            file, None, "file", f"cannot read: {exc.strerror or exc}")]) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise IssueFileError(
-            file, "file", f"not valid UTF-8 (bad byte at offset {exc.start})"
-        ) from None
+        line = data[: exc.start].count(b"\n") + 1
+        raise IssueFileError([IssueProblem(
+            file, line, "file",
+            f"not valid UTF-8 (bad byte at offset {exc.start}); save the file as UTF-8")]) from None
     sha = hashlib.sha256(data).hexdigest()
     return _parse(text, file=file, default_free_percent=default_free_percent, sha256=sha)
+
+
+def duplicate_numbers(issues: Sequence[ParsedIssue]) -> list[IssueProblem]:
+    """One problem per file whose issue number an earlier file of the same run already has:
+    which one should win is the operator's call, not the argument order's."""
+    first: dict[int, ParsedIssue] = {}
+    problems = []
+    for issue in issues:
+        seen = first.setdefault(issue.number, issue)
+        if seen is issue:
+            continue
+        message = (f"{issue.file} is given twice" if seen.file == issue.file else
+                   f"issue {issue.number} is also in {seen.file}: import one file per issue "
+                   "number at a time")
+        problems.append(IssueProblem(issue.file, issue.lines.get("number"), "number", message))
+    return problems
 
 
 # --------------------------------------------------------------------------- topics JSON
@@ -577,3 +723,47 @@ def make_excerpt(body_md: str, free_percent: int) -> tuple[str, int]:
         if cut is not None:
             return cut
     return "", 0
+
+
+# --------------------------------------------------------------------------- text diff
+
+# Above this many character pairs in one changed run, 字 are counted as all removed and all
+# added rather than aligned: a rewrite is a rewrite, and alignment is quadratic.
+_ALIGN_LIMIT = 4_000_000
+
+
+@dataclass(frozen=True)
+class TextDiff:
+    """How the text readers see changes between two bodies."""
+
+    added: int  # 字 that are new
+    removed: int  # 字 that are gone
+    blocks_changed: int  # top-level blocks (paragraphs, headings, lists…) added, gone or edited
+    blocks_before: int
+    blocks_after: int
+    rendering_changed: bool  # the HTML differs (a formatting-only edit has no 字 changes)
+
+
+def diff_text(old_md: str, new_md: str) -> TextDiff:
+    """Compare two bodies block by block, then 字 by 字 inside the blocks that differ."""
+    old = _blocks(old_md)
+    new = _blocks(new_md)
+    matcher = SequenceMatcher(None, [b.html for b in old], [b.html for b in new],
+                              autojunk=False)
+    added = removed = changed = 0
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag == "equal":
+            continue
+        changed += max(i2 - i1, j2 - j1)
+        before = "".join(_squash(b.text) for b in old[i1:i2])
+        after = "".join(_squash(b.text) for b in new[j1:j2])
+        if len(before) * len(after) > _ALIGN_LIMIT:
+            same = 0
+        else:
+            chars = SequenceMatcher(None, before, after, autojunk=False)
+            same = sum(m.size for m in chars.get_matching_blocks())
+        removed += len(before) - same
+        added += len(after) - same
+    return TextDiff(added=added, removed=removed, blocks_changed=changed,
+                    blocks_before=len(old), blocks_after=len(new),
+                    rendering_changed=render_html(old_md) != render_html(new_md))

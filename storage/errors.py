@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 
 class DomainError(Exception):
     """An expected refusal: nothing was written."""
 
 
+AmountProblem = Literal["not_positive", "zero", "over_limit", "too_large", "no_reason"]
+
+
 class InvalidAmount(DomainError):
-    pass
+    """A refused top-up or adjustment. ``problem`` says which rule it broke, so a reply can be
+    worded in the reader's language instead of showing this English message."""
+
+    def __init__(self, message: str, *, problem: AmountProblem, amount: int | None = None,
+                 limit: int | None = None) -> None:
+        super().__init__(message)
+        self.problem = problem
+        self.amount = amount
+        self.limit = limit
 
 
 class InsufficientBalance(DomainError):

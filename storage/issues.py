@@ -6,19 +6,27 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, Connection, Engine, bindparam, text
+from sqlalchemy import ColumnElement, Connection, Engine, bindparam, func, text
 from sqlalchemy import select as sa_select
 from sqlalchemy.orm import defer
 from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import SelectOfScalar
 
-from storage.content import ParsedIssue, Topic, topics_from_json, topics_to_json
+from storage.content import (
+    ParsedIssue,
+    TextDiff,
+    Topic,
+    diff_text,
+    topics_from_json,
+    topics_to_json,
+)
 from storage.errors import UnknownIssue
 from storage.ledger import has_entitlement
-from storage.models import Issue, UTCDateTime, utcnow
+from storage.models import Entitlement, Issue, LedgerEntry, UTCDateTime, utcnow
+from storage.sql import scalar
 
 
 @dataclass(frozen=True)
@@ -68,22 +76,15 @@ def _preview(issue: Any, default_free_percent: int) -> IssuePreview:
     )
 
 
-def upsert_issue(
-    session: Session, *, parsed: ParsedIssue, default_free_percent: int
-) -> Literal["created", "updated", "unchanged"]:
-    """Store an imported issue; re-importing the same number replaces its content."""
-    existing = session.exec(select(Issue).where(Issue.number == parsed.number)).first()
-    if existing is not None and existing.source_sha256 == parsed.source_sha256:
-        return "unchanged"
+def _store(session: Session, existing: Issue | None, parsed: ParsedIssue,
+           published_at: datetime | None) -> None:
     issue = existing or Issue(number=parsed.number, price=parsed.price, title=parsed.title,
                               topics_json="[]", body_md="", excerpt_md="", source_sha256="")
     issue.title = parsed.title
     issue.summary = parsed.summary
     issue.price = parsed.price
     issue.free_percent = parsed.free_percent
-    if parsed.published is not None or existing is None:
-        # A file without `published` does not un-publish an issue that went out via the CLI.
-        issue.published_at = parsed.published
+    issue.published_at = published_at
     issue.topics_json = topics_to_json(parsed.topics)
     issue.body_md = parsed.body_md
     issue.excerpt_md = parsed.excerpt_md
@@ -93,7 +94,152 @@ def upsert_issue(
     issue.updated_at = utcnow()
     session.add(issue)
     session.flush()
+
+
+def upsert_issue(
+    session: Session, *, parsed: ParsedIssue, default_free_percent: int
+) -> Literal["created", "updated", "unchanged"]:
+    """Store an issue without the import checks (demo and test seeding); re-importing the same
+    number replaces its content and a file without `published` keeps the stored publication.
+    The operator's `issue import` goes through ``plan_import`` / ``apply_import`` instead."""
+    existing = session.exec(select(Issue).where(Issue.number == parsed.number)).first()
+    if existing is not None and existing.source_sha256 == parsed.source_sha256:
+        return "unchanged"
+    keep = existing is not None and parsed.published is None
+    _store(session, existing, parsed,
+           existing.published_at if keep and existing is not None else parsed.published)
     return "created" if existing is None else "updated"
+
+
+# --------------------------------------------------------------------------- import plans
+
+# Why an import of one file is refused (nothing is written for any file of the run):
+# sold_price / sold_text: readers have paid for the issue and its price or text would change
+# (allowed with force); sold_hidden: readers have paid and the import would unpublish the issue
+# or move its publication into the future, hiding it from them (allowed with force);
+# published_missing: the issue is published or scheduled but the file has no `published`
+# (absent = draft), so the operator must say which they mean (`published = …` or unpublish).
+Refusal = Literal["sold_price", "sold_text", "sold_hidden", "published_missing"]
+
+
+@dataclass(frozen=True)
+class StoredIssue:
+    """The stored state of an issue an import would change, for the diff summary."""
+
+    title: str
+    summary: str
+    price: int
+    free_percent: int  # effective
+    published_at: datetime | None
+    topics: tuple[Topic, ...]
+    char_count: int
+
+
+@dataclass(frozen=True)
+class ImportPlan:
+    """What importing one parsed file would do; ``apply_import`` carries it out."""
+
+    parsed: ParsedIssue
+    status: Literal["created", "updated", "unchanged"]
+    before: StoredIssue | None  # None when created
+    published_at: datetime | None  # what will be stored
+    buyers: int  # readers who paid for the issue (entitlements or redeem charges)
+    changed: tuple[str, ...]  # title, summary, price, free_percent, published, topics, text
+    text: TextDiff | None  # when the body differs
+    refusals: tuple[Refusal, ...]
+
+    @property
+    def refused(self) -> bool:
+        return bool(self.refusals)
+
+
+def count_buyers(session: Session, *, number: int) -> int:
+    """Readers holding an unlock of issue ``number`` or charged for it (normally the same)."""
+    ent = Entitlement.__table__.c  # type: ignore[attr-defined]
+    led = LedgerEntry.__table__.c  # type: ignore[attr-defined]
+    unlocked = scalar(session, sa_select(func.count(func.distinct(ent.openid)))
+                      .where(ent.issue_number == number)) or 0
+    charged = scalar(session, sa_select(func.count(func.distinct(led.openid)))
+                     .where(led.issue_number == number)) or 0
+    return max(int(unlocked), int(charged))
+
+
+def _same_time(a: datetime | None, b: datetime | None) -> bool:
+    # Files carry whole seconds; `issue publish` stores microseconds.
+    if a is None or b is None:
+        return a is b
+    return abs(a - b) < timedelta(seconds=1)
+
+
+def _visible(at: datetime | None, now: datetime) -> bool:
+    return at is not None and at <= now
+
+
+def plan_import(session: Session, *, parsed: ParsedIssue, default_free_percent: int,
+                now: datetime | None = None, force: bool = False,
+                unpublish: bool = False) -> ImportPlan:
+    """Compare a parsed file with the stored issue: what changes and whether it is allowed.
+    Reads only. ``force`` allows changing a sold issue; ``unpublish`` makes a published issue
+    whose file has no `published` a draft again."""
+    now = now or utcnow()
+    existing = session.exec(select(Issue).where(Issue.number == parsed.number)).first()
+    if existing is None:
+        return ImportPlan(parsed, "created", None, parsed.published, 0, (), None, ())
+    before = StoredIssue(
+        title=existing.title, summary=existing.summary, price=existing.price,
+        free_percent=existing.free_percent if existing.free_percent is not None
+        else default_free_percent,
+        published_at=existing.published_at, topics=topics_from_json(existing.topics_json),
+        char_count=existing.char_count)
+    if existing.source_sha256 == parsed.source_sha256:
+        # The very file that is stored: nothing to write, so nothing to refuse (an issue it
+        # created as a draft may since have been published by `issue publish` or the job).
+        return ImportPlan(parsed, "unchanged", before, existing.published_at, 0, (), None, ())
+
+    refusals: list[Refusal] = []
+    if parsed.published is not None:
+        target = existing.published_at if _same_time(parsed.published, existing.published_at) \
+            else parsed.published
+    elif existing.published_at is None or unpublish:
+        target = None
+    else:
+        target = existing.published_at
+        refusals.append("published_missing")
+
+    text = diff_text(existing.body_md, parsed.body_md) \
+        if existing.body_md != parsed.body_md else None
+    changed = [name for name, differs in (
+        ("title", existing.title != parsed.title),
+        ("summary", existing.summary != parsed.summary),
+        ("price", existing.price != parsed.price),
+        ("free_percent", before.free_percent != parsed.effective_free_percent),
+        ("published", not _same_time(existing.published_at, target)),
+        ("topics", before.topics != parsed.topics),
+        ("text", text is not None and text.rendering_changed),
+    ) if differs]
+
+    buyers = count_buyers(session, number=parsed.number)
+    if buyers and not force:
+        if "price" in changed:
+            refusals.append("sold_price")
+        if "text" in changed:
+            refusals.append("sold_text")
+        if _visible(existing.published_at, now) and not _visible(target, now):
+            refusals.append("sold_hidden")
+    return ImportPlan(parsed, "updated", before, target, buyers, tuple(changed), text,
+                      tuple(refusals))
+
+
+def apply_import(session: Session, *, plan: ImportPlan) -> None:
+    """Write what ``plan_import`` planned, in the caller's transaction."""
+    if plan.refused:
+        raise ValueError(f"import of issue {plan.parsed.number} was refused: {plan.refusals}")
+    if plan.status == "unchanged":
+        return
+    existing = session.exec(select(Issue).where(Issue.number == plan.parsed.number)).first()
+    if (existing is None) != (plan.status == "created"):
+        raise ValueError(f"issue {plan.parsed.number} changed since it was planned")
+    _store(session, existing, plan.parsed, plan.published_at)
 
 
 def publish_issue(session: Session, *, number: int, at: datetime | None = None) -> Issue:

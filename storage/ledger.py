@@ -47,6 +47,10 @@ from storage.subscribers import require_subscriber
 
 CreditKind = Literal["topup", "adjust"]
 
+# Far above any real balance, far below SQLite's and PostgreSQL's 64-bit integer limit: the
+# bound on any one amount, whoever types it (chat, CLI).
+MAX_ABS_AMOUNT = 10**12
+
 
 @dataclass(frozen=True)
 class LedgerResult:
@@ -109,14 +113,20 @@ def credit(
     max_topup: int | None = None,
 ) -> LedgerResult:
     """Top up (amount > 0) or adjust (amount ≠ 0, may be negative but never past zero)."""
+    if abs(amount) > MAX_ABS_AMOUNT:
+        raise InvalidAmount(f"{kind} {amount} is implausibly large (more than {MAX_ABS_AMOUNT:,})",
+                            problem="too_large", amount=amount, limit=MAX_ABS_AMOUNT)
     if kind == "topup" and amount <= 0:
-        raise InvalidAmount(f"a top-up must be a positive whole number, got {amount}")
+        raise InvalidAmount(f"a top-up must be a positive whole number, got {amount}",
+                            problem="not_positive", amount=amount)
     if kind == "adjust" and amount == 0:
-        raise InvalidAmount("an adjustment of 0 changes nothing; give a non-zero delta")
+        raise InvalidAmount("an adjustment of 0 changes nothing; give a non-zero delta",
+                            problem="zero", amount=amount)
     if max_topup is not None and amount > max_topup:
-        raise InvalidAmount(f"{kind} {amount} is over the limit [tokens] max_topup = {max_topup}")
+        raise InvalidAmount(f"{kind} {amount} is over the limit [tokens] max_topup = {max_topup}",
+                            problem="over_limit", amount=amount, limit=max_topup)
     if not reason.strip():
-        raise InvalidAmount("a reason is required")
+        raise InvalidAmount("a reason is required", problem="no_reason")
     def matches(e: LedgerEntry) -> bool:
         return _same_action(e, openid=openid, kind=kind, amount=amount, issue_number=None,
                             reason=reason)

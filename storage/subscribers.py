@@ -47,6 +47,15 @@ def set_subscribed(session: Session, *, openid: str, subscribed: bool,
     session.execute(update(Subscriber).where(col(Subscriber.openid) == openid).values(**values))
 
 
+def follow(session: Session, *, openid: str, at: datetime | None = None) -> bool:
+    """Mark ``openid`` as following. True when they are a returning follower: they had
+    followed before and left (their balance and unlocks are still here)."""
+    sub = get_subscriber(session, openid=openid)
+    returning = sub is not None and (not sub.subscribed or sub.unsubscribed_at is not None)
+    set_subscribed(session, openid=openid, subscribed=True, at=at)
+    return returning
+
+
 def list_subscribers(
     session: Session, *, limit: int = 100, offset: int = 0, active_only: bool = False
 ) -> list[Subscriber]:

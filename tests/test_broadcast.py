@@ -92,7 +92,7 @@ def test_message_is_the_issue_card_within_the_limit(fake: FakeWeChat, engine: En
         b.start(1)
     text = fake.mass_sends[0].content
     assert "第1期｜AI客服的真实账本" in text and "引入AI客服之后，成本究竟省在了哪里？" in text
-    assert "回复「本周」" in text and "试读" in text
+    assert "回复「第1期」" in text and "回复「试读 1」" in text and "回复「兑换 1」" in text
     assert len(text.encode()) <= 2048
 
 

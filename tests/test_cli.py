@@ -109,21 +109,21 @@ def test_broken_file_names_file_and_field_and_stores_nothing(run: Run, tmp_path:
     bad.write_text(SAMPLE_ISSUE.read_text(encoding="utf-8").replace("price = 99", 'price = "x"'),
                    encoding="utf-8")
     result = run("issue", "import", str(bad))
-    assert result.exit_code == 1
-    assert f"{bad}: price: " in result.stderr
+    assert result.exit_code == 2
+    assert f"{bad}:5: price: " in result.stderr
     assert as_json(run("issue", "list", "--json")) == []
 
 
-def test_mixed_good_and_bad_files_store_the_good_ones(run: Run, tmp_path: Path) -> None:
+def test_mixed_good_and_bad_files_store_nothing(run: Run, tmp_path: Path) -> None:
     bad = tmp_path / "no-title.md"
     bad.write_text(SAMPLE_DRAFT.read_text(encoding="utf-8").replace("title = ", "headline = ", 1),
                    encoding="utf-8")
     missing = tmp_path / "missing.md"
     result = run("issue", "import", str(bad), str(SAMPLE_ISSUE), str(missing))
-    assert result.exit_code == 1
-    assert f"{bad}: " in result.stderr and f"{missing}: file: " in result.stderr
-    assert "created" in result.stdout
-    assert [i["number"] for i in as_json(run("issue", "list", "--json"))] == [1]
+    assert result.exit_code == 2
+    assert f"{bad}:" in result.stderr and f"{missing}: file: " in result.stderr
+    assert "created" not in result.stdout
+    assert as_json(run("issue", "list", "--json")) == []
 
 
 def test_import_json_output(run: Run) -> None:
@@ -159,7 +159,7 @@ def test_list_show_and_publish(run: Run) -> None:
     assert "already published" in run("issue", "publish", "2").stdout
 
     unknown = run("issue", "publish", "99")
-    assert unknown.exit_code == 1 and "no issue 99" in unknown.stderr
+    assert unknown.exit_code == 2 and "no issue 99" in unknown.stderr
     assert run("issue", "show", "99").exit_code == 1
 
 

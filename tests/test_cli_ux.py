@@ -359,7 +359,7 @@ def test_a_second_demo_in_a_busy_folder_is_refused(tmp_path: Path) -> None:
         finally:
             kill_group(refused)
         said = " ".join(refused_log.read_text(encoding="utf-8", errors="replace").split())
-        assert code == 1, said
+        assert code == 2, said
         assert f"a demo is already running in {workdir} (pid {first.pid}" in said
         assert f"http://127.0.0.1:{port}/wechat" in said
         assert "newsbot demo --dir" in said and "Ctrl-C" in said

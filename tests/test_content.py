@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import string
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +17,7 @@ from markdown_it import MarkdownIt
 from storage import content
 from storage.content import (
     IssueFileError,
+    IssueProblem,
     Topic,
     count_chars,
     make_excerpt,
@@ -128,9 +130,10 @@ def test_parse_file_reads_utf8_and_hashes_bytes(tmp_path: Path) -> None:
 
 
 def test_issue_file_error_carries_file_field_and_message() -> None:
-    err = IssueFileError("a.md", "price", "required")
+    err = IssueFileError([IssueProblem("a.md", 4, "price", "required"),
+                          IssueProblem("a.md", None, "title", "required")])
     assert (err.file, err.field, err.message) == ("a.md", "price", "required")
-    assert str(err) == "a.md: price: required"
+    assert str(err) == "a.md:4: price: required\na.md: title: required"
     assert isinstance(err, ValueError)
 
 
@@ -186,7 +189,7 @@ def test_bad_front_matter_names_file_and_field(front: str, field: str, message: 
     assert err.file == "issues/007.md"
     assert err.field == field
     assert message in err.message
-    assert str(err).startswith(f"issues/007.md: {field}: ")
+    assert re.match(rf"issues/007\.md(:\d+)?: {re.escape(field)}: ", str(err))
     assert "pydantic" not in str(err) and "errors.pydantic.dev" not in str(err)
 
 

@@ -112,7 +112,7 @@ class TestConversation:
             assert content.startswith("📖 试读｜第1期")
             links = re.findall(r"http://testserver/read/1\?\S+", content)
             assert len(links) == 1
-            assert "解锁全文：回复「兑换 1」" in content
+            assert "够了之后回复「兑换 1」解锁全文" in content  # 0 豆: how to get tokens first
 
     def test_preview_never_contains_text_beyond_the_excerpt(
             self, user: WeChatUser, engine: Engine) -> None:

@@ -1,17 +1,13 @@
 """What every CLI command group shares: the root Typer app, the consoles, the --config and
 --json options, loading settings and opening the database.
 
-Exit codes: 0 done; 1 something was not found or did not check out (unknown issue or user, a
-bad issue file, ledger mismatches, server unreachable); 2 the request itself is wrong (bad
-configuration, missing secrets, a bad amount, a refused ledger write). Money commands never
-write anything when they exit non-zero.
+Exit codes: the table in ``bot.cli``'s docstring (and README "CLI reference").
 """
 
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from enum import StrEnum
@@ -27,7 +23,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from bot.settings import ConfigNotFound, Settings, SettingsError, load_settings
-from storage import schema
+from handlers.numbers import parse_int
+from storage import ledger, schema
 from storage.db import make_engine
 from storage.issues import IssuePreview
 
@@ -67,9 +64,27 @@ ConfigOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
-# Far above any real balance, far below SQLite's and PostgreSQL's 64-bit integer limit.
-MAX_ABS_AMOUNT = 10**12
-_INTEGER = re.compile(r"[+-]?[0-9]+")
+MAX_ABS_AMOUNT = ledger.MAX_ABS_AMOUNT  # the one bound on amounts, chat and CLI alike
+
+
+def whole_number(minimum: int = 0) -> Callable[[str], int]:
+    """A typer ``parser``: a whole number in ASCII or full-width digits, as in chat and reader
+    URLs (click's INT would take "+3", " 3", "3_0" and any script's digits)."""
+
+    def parse(value: str | int) -> int:
+        if isinstance(value, int):  # a default
+            return value
+        number = parse_int(value)
+        if number is None:
+            raise typer.BadParameter(f"{value!r} is not a whole number (digits 0-9 only)")
+        if number < minimum:
+            raise typer.BadParameter(f"{number} is below the minimum {minimum}")
+        return number
+
+    return parse
+
+
+WHOLE_NUMBER = whole_number()
 
 
 class LogLevel(StrEnum):
@@ -138,12 +153,19 @@ def _db_label(settings: Settings) -> str:
     return make_url(settings.database.url).render_as_string(hide_password=True)
 
 
+def _engine(settings: Settings) -> Engine:
+    try:
+        return make_engine(settings.database.url)
+    except OSError as exc:  # a SQLite file whose folder cannot be made
+        _fail(f"cannot open the database {_db_label(settings)!r}: {exc.strerror or exc}", 1)
+
+
 @contextmanager
 def _database(settings: Settings, *, set_up_empty: bool = True) -> Iterator[Engine]:
     """The configured database, which must be at the current schema revision (exit 2 with
     the `newsbot db upgrade` hint otherwise). A database with no newsbot tables at all is what
     a first run finds: unless ``set_up_empty`` is false (``serve``), it is upgraded here."""
-    engine = make_engine(settings.database.url)
+    engine = _engine(settings)
     try:
         try:
             if set_up_empty and schema.is_empty(engine):

@@ -8,13 +8,13 @@ from sqlalchemy.exc import DBAPIError
 from bot.cli.base import (
     ConfigOpt,
     _db_label,
+    _engine,
     _fail,
     _settings,
     db_app,
     out,
 )
 from storage import schema
-from storage.db import make_engine
 
 
 @db_app.command("upgrade")
@@ -26,7 +26,7 @@ def db_upgrade(ctx: typer.Context, config: ConfigOpt = None) -> None:
     `serve`."""
     settings = _settings(ctx, config)
     label = _db_label(settings)
-    engine = make_engine(settings.database.url)
+    engine = _engine(settings)
     try:
         before = schema.current_revision(engine)
         empty = before is None and schema.is_empty(engine)

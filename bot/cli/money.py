@@ -13,7 +13,6 @@ from rich.table import Table
 from rich.text import Text
 
 from bot.cli.base import (
-    _INTEGER,
     MAX_ABS_AMOUNT,
     ConfigOpt,
     JsonOpt,
@@ -32,7 +31,9 @@ from bot.cli.base import (
     ledger_app,
     out,
     user_app,
+    whole_number,
 )
+from handlers.numbers import parse_int
 from storage import ledger, subscribers
 from storage.db import transaction
 from storage.errors import (
@@ -76,7 +77,8 @@ def user_list(
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
     active: Annotated[bool, typer.Option("--active", help="Only current followers.")] = False,
-    limit: Annotated[int, typer.Option(min=1, help="At most this many.")] = 100,
+    limit: Annotated[int, typer.Option(parser=whole_number(1), help="At most this many.")]
+    = 100,
 ) -> None:
     """Subscribers, oldest first."""
     settings = _settings(ctx, config)
@@ -101,7 +103,8 @@ def user_show(
     openid: Annotated[str, typer.Argument(metavar="OPENID")],
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
-    entries: Annotated[int, typer.Option(min=1, help="Ledger rows to show.")] = 100,
+    entries: Annotated[int, typer.Option(parser=whole_number(1),
+                                         help="Ledger rows to show.")] = 100,
 ) -> None:
     """One subscriber: balance, unlocked issues and ledger entries (newest first)."""
     settings = _settings(ctx, config)
@@ -141,10 +144,10 @@ def _os_user() -> str:
 
 
 def _parse_amount(raw: str, name: str, unit: str) -> int:
-    text = raw.strip()
-    if not _INTEGER.fullmatch(text):
-        _fail(f"{name} must be a whole number of {unit}, got {raw!r}; nothing written", 2)
-    amount = int(text)
+    amount = parse_int(raw.strip(), signed=True)
+    if amount is None:
+        _fail(f"{name} must be a whole number of {unit} in digits 0-9 (a leading - to "
+              f"subtract, no +), got {raw!r}; nothing written", 2)
     if abs(amount) > MAX_ABS_AMOUNT:
         _fail(f"{name} {amount} is implausibly large; nothing written", 2)
     return amount

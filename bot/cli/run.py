@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from bot.cli.base import (
+    WHOLE_NUMBER,
     ConfigOpt,
     LogLevel,
     _database,
@@ -26,11 +27,12 @@ def serve(
     ctx: typer.Context,
     config: ConfigOpt = None,
     host: Annotated[str | None, typer.Option(help="Bind address (default: [server] host).")] = None,
-    port: Annotated[int | None, typer.Option(help="Port (default: [server] port).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: [server] port).",
+                                             parser=WHOLE_NUMBER)] = None,
     workers: Annotated[int | None, typer.Option(
-        help="Worker processes (default: [server] workers).")] = None,
+        help="Worker processes (default: [server] workers).", parser=WHOLE_NUMBER)] = None,
     threads: Annotated[int | None, typer.Option(
-        help="Threads per worker (default: [server] threads).")] = None,
+        help="Threads per worker (default: [server] threads).", parser=WHOLE_NUMBER)] = None,
     log_level: Annotated[LogLevel, typer.Option(help="Log level.")] = LogLevel.info,
 ) -> None:
     """Run the webhook and reader pages on gunicorn.
@@ -61,7 +63,8 @@ def serve(
 
 @app.command()
 def demo(
-    port: Annotated[int | None, typer.Option(help="Port (default: a free one).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: a free one).",
+                                             parser=WHOLE_NUMBER)] = None,
     workdir: Annotated[Path, typer.Option(
         "--dir", help="Working folder, wiped each run; one running demo per folder.")]
     = Path(".newsbot-demo"),

@@ -20,6 +20,7 @@ from rich.table import Table
 from sqlalchemy import Engine
 
 from bot.cli.base import (
+    WHOLE_NUMBER,
     ConfigOpt,
     JsonOpt,
     _database,
@@ -42,6 +43,7 @@ from bot.logs import setup_logging
 from bot.settings import Settings
 from bot.wechat.api import WeChatClient, WeChatError
 from bot.wechat.menu import MenuError, build_menu
+from handlers.numbers import parse_int
 from storage import broadcasts, subscribers
 from storage.db import transaction
 from storage.errors import BroadcastRefused, UnknownIssue
@@ -138,7 +140,7 @@ def broadcast(
         "`resume N`.", show_default=False)],
     number: Annotated[int | None, typer.Argument(
         metavar="N", help="The issue for `status` (default: all) or `resume`.",
-        show_default=False)] = None,
+        show_default=False, parser=WHOLE_NUMBER)] = None,
     preview: Annotated[bool, typer.Option(
         "--preview", help="Send to [broadcast] preview_openids only.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print text and plan; send nothing.")]
@@ -158,9 +160,10 @@ def broadcast(
             _fail("usage: newsbot broadcast resume N", 2)
         issue_number = number
     else:
-        if not target.isdigit() or number is not None:
+        parsed = parse_int(target)
+        if parsed is None or number is not None:
             _fail(f"expected an issue number, `status [N]` or `resume N`, got {target!r}", 2)
-        issue_number = int(target)
+        issue_number = parsed
     setup_logging("WARNING", settings.server.log_format)
     with _database(settings) as engine:
         if dry_run:

@@ -55,7 +55,15 @@ FOLLOWERS = [READER, OPERATOR] + [f"o_demo_follower_{i:02d}" for i in range(48)]
 
 
 class DemoError(Exception):
-    pass
+    """The demo could not run; ``code`` is the CLI exit code (see ``bot.cli``)."""
+
+    code = 1
+
+
+class DemoRefused(DemoError):
+    """The request itself is wrong (e.g. a --dir the demo may not use): nothing was touched."""
+
+    code = 2
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -71,10 +79,10 @@ def prepare_dir(workdir: Path) -> tuple[Path, TextIO]:
     workdir = workdir.resolve()
     if workdir.exists():
         if not workdir.is_dir():
-            raise DemoError(f"{workdir} is a file, not a folder; choose another --dir")
+            raise DemoRefused(f"{workdir} is a file, not a folder; choose another --dir")
         if (any(p.name != LOCK for p in workdir.iterdir())
                 and not (workdir / MARKER).exists()):
-            raise DemoError(f"{workdir} is not empty and was not made by `newsbot demo`; "
+            raise DemoRefused(f"{workdir} is not empty and was not made by `newsbot demo`; "
                             "choose another --dir or remove it yourself")
     workdir.mkdir(parents=True, exist_ok=True)
     lock = lock_dir(workdir)
@@ -108,7 +116,7 @@ def lock_dir(workdir: Path) -> TextIO:
         lock.seek(0)
         holder = _describe_holder(lock.read())
         lock.close()
-        raise DemoError(
+        raise DemoRefused(
             f"a demo is already running in {workdir}{holder}: starting another here would "
             "replace its database, config and port.\n"
             f"Use that one (newsbot --config {workdir / 'config.toml'} chat), stop it with "
@@ -379,7 +387,7 @@ def run_demo(*, port: int | None, workdir: Path, chat: bool, console: Console) -
         return 0
     except (DemoError, SettingsError) as exc:
         console.print(str(exc), style="red", markup=False)
-        return 2 if isinstance(exc, SettingsError) else 1
+        return 2 if isinstance(exc, SettingsError) else exc.code
     finally:
         if fake is not None:
             fake.stop()

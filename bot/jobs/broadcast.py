@@ -85,7 +85,8 @@ class Broadcaster:
 
     def plan(self, number: int) -> Plan:
         issue = self._issue(number)
-        text = broadcast_text(issue, unit=self.settings.tokens.name)
+        text = broadcast_text(issue, unit=self.settings.tokens.name,
+                              publication=self.settings.content.publication)
         if self.cfg.mode == "openids":
             with transaction(self.engine) as s:
                 count = subscribers.count_subscribers(s, active_only=True)

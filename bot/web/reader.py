@@ -24,6 +24,7 @@ from sqlalchemy import Engine
 
 from bot.settings import Settings
 from bot.web.links import READER_PREFIX, ReaderLinks
+from handlers.numbers import parse_int
 from storage.content import render_html
 from storage.db import read_only
 from storage.errors import UnknownIssue
@@ -371,7 +372,12 @@ class _ReaderApp:
 
     # ---------------------------------------------------------------- routes
 
-    def read(self, number: int) -> Any:
+    def read(self, raw_number: str) -> Any:
+        # The chat's digit rule (handlers.numbers): bottle's int filter would read /read/%D9%A6
+        # as 6. Anything else can name no issue, so no signature matches it: 链接无效, as for
+        # any edited link.
+        strict = parse_int(raw_number)
+        number = -1 if strict is None else strict
         try:
             return self._read(number)
         except Exception:
@@ -422,7 +428,8 @@ def install(app: bottle.Bottle, *, settings: Settings, engine: Engine) -> None:
     """Add ``GET /read/<number>`` (and a friendly 404 for any other ``/read`` path) to ``app``."""
     reader = _ReaderApp(settings=settings, engine=engine)
     routes: list[tuple[str, Callable[..., Any]]] = [
-        (f"{READER_PREFIX}/<number:int>", reader.read),
+        # Routed like bottle's <n:int> (-?\d+, any script), parsed strictly in ``read``.
+        (f"{READER_PREFIX}/<raw_number:re:-?\\d+>", reader.read),
         (READER_PREFIX, reader.not_a_path),
         (f"{READER_PREFIX}/", reader.not_a_path),
         (f"{READER_PREFIX}/<rest:path>", reader.not_a_path),

@@ -56,6 +56,16 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 # What a logged message type may contain: WeChat's types and event names are short identifiers.
 _LOG_TYPE = re.compile(r"[^a-z0-9_.:-]")
 MAX_NONCE_CHARS = 128
+_ECHOSTR = re.compile(r"[A-Za-z0-9._~-]{1,128}")  # URL-unreserved characters
+# WeChat's deepest pushes (SendPicsInfo/PicList/item/PicMd5Sum, CopyrightCheckResult/…) nest 4
+# elements inside <xml>; deeper is forged, and WeRoBot recurses on it (str() of nested dicts).
+MAX_XML_DEPTH = 8
+# openids are ~28 characters of [A-Za-z0-9_-], gh_ ids ~15; both land in varchar(64) columns.
+_ACCOUNT_ID = re.compile(r"[\x21-\x7e]{1,64}")
+# Fields that are text in every push WeChat sends, with the longest value we accept (EventKey
+# carries a menu's URL in VIEW events, up to 1,024 bytes).
+_SCALAR_FIELDS = {"ToUserName": 64, "FromUserName": 64, "CreateTime": 20, "MsgType": 32,
+                  "Event": 64, "EventKey": 2048, "MsgId": 64, "MsgID": 64, "Content": None}
 
 
 class BadRequest(Exception):
@@ -138,7 +148,44 @@ def _parse_xml(body: bytes) -> tuple[str, dict[str, Any]]:
         raise BadRequest(400, "malformed XML") from None
     if not isinstance(raw, dict):
         raise BadRequest(400, "malformed XML")
+    if _too_deep(raw, MAX_XML_DEPTH):
+        raise BadRequest(400, "XML nested too deeply")
     return text, raw
+
+
+def _too_deep(root: dict[str, Any], limit: int) -> bool:
+    """Whether any element nests more than ``limit`` levels below <xml> (iterative: the point
+    is not to recurse on hostile input)."""
+    if all(isinstance(value, str) for value in root.values()):  # most pushes: flat
+        return False
+    stack: list[tuple[object, int]] = [(root, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(node, dict):
+            stack.extend((child, depth + 1) for child in node.values())
+        elif isinstance(node, list):  # repeated elements: same level
+            stack.extend((child, depth) for child in node)
+    return False
+
+
+def _check_fields(raw: dict[str, Any]) -> None:
+    """Refuse shapes WeChat never sends before they reach WeRoBot or a bounded column: a text
+    field holding elements (or repeated), overlong values, malformed ids and times."""
+    for name, limit in _SCALAR_FIELDS.items():
+        value = raw.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise BadRequest(400, "malformed XML", f"malformed XML: {name} is not text")
+        if limit is not None and len(value) > limit:
+            raise BadRequest(400, "malformed XML", f"malformed XML: {name} too long")
+    for name in ("FromUserName", "ToUserName"):
+        if name in raw and not _ACCOUNT_ID.fullmatch(raw[name]):
+            raise BadRequest(400, "malformed XML", f"malformed XML: bad {name}")
+    if "CreateTime" in raw and not raw["CreateTime"].isascii():
+        raise BadRequest(400, "malformed XML", "malformed XML: bad CreateTime")
 
 
 def parse_envelope(body: bytes) -> str:
@@ -152,10 +199,12 @@ def parse_envelope(body: bytes) -> str:
 
 def parse_delivery(body: bytes) -> Delivery:
     text, raw = _parse_xml(body)
+    _check_fields(raw)
     try:
         fields = {k: v for k, v in raw.items() if isinstance(v, str) and k != "raw"}
         message = process_message(dict(raw))
-    except Exception:  # WeRoBot raises a zoo of types on unexpected shapes
+        content = getattr(message, "content", "")
+    except Exception:  # WeRoBot raises a zoo of types on unexpected shapes (RecursionError too)
         raise BadRequest(400, "malformed XML") from None
     openid = fields.get("FromUserName", "")
     to_user = fields.get("ToUserName", "")
@@ -173,7 +222,7 @@ def parse_delivery(body: bytes) -> Delivery:
         if msg_type != "event":  # a message without MsgId: fall back to its content
             digest = hashlib.sha256(text.encode()).hexdigest()[:16]
             dedupe = f"evt:{openid}:{create_time}:{msg_type}:{digest}"
-    raw_text = getattr(message, "content", "") if msg_type == "text" else ""
+    raw_text = content if msg_type == "text" and isinstance(content, str) else ""
     incoming = Incoming(openid=openid, msg_type=msg_type, text=normalize(raw_text or ""),
                         raw_text=raw_text or "", event=event, event_key=event_key, fields=fields)
     return Delivery(incoming, to_user, dedupe[:200], f"wechat:{dedupe[4:]}"[:128], msg_type,
@@ -267,9 +316,13 @@ class Webhook:
             self._check_signature(bottle.request.query)
         except BadRequest as exc:
             return self._refuse(exc, req)
+        echostr = str(bottle.request.query.get("echostr", ""))
+        if not _ECHOSTR.fullmatch(echostr):  # it is reflected: WeChat's is a short number
+            return self._refuse(BadRequest(400, "bad echostr"), req)
         bottle.response.content_type = "text/plain; charset=utf-8"
+        bottle.response.set_header("X-Content-Type-Options", "nosniff")
         req.emit("ok", 200)
-        return str(bottle.request.query.get("echostr", ""))
+        return echostr
 
     def _refuse(self, exc: BadRequest, req: RequestLog) -> str:
         req.emit(f"refused-{exc.status}", exc.status, exc.detail)
