@@ -25,6 +25,10 @@ class SettingsError(Exception):
     """The configuration cannot be used; the message names the key and the fix."""
 
 
+class ConfigNotFound(SettingsError):
+    """No config file was given and none was found where newsbot looks for one."""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -280,19 +284,29 @@ def load_settings(
     """Build the settings from the resolved file, env overrides and explicit overrides."""
     environ = dict(os.environ) if environ is None else environ
     resolved = _resolve(path, environ)
-    data: dict[str, Any] = {}
-    origin = "settings"
-    if resolved is not None:
-        origin = str(resolved)
-        if not resolved.exists():
-            raise SettingsError(
-                f"config file {resolved} does not exist: copy config.example.toml to it "
-                "and fill in the secrets"
-            )
-        try:
-            data = tomllib.loads(resolved.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise SettingsError(f"{resolved}: not valid TOML: {exc}") from exc
+    if resolved is None:
+        # Defaults alone would quietly create ./newsbot.db: a wrong folder or a forgotten
+        # --config must be an error, not a new empty database.
+        raise ConfigNotFound(
+            "no config file found: tried --config (not given), $NEWSBOT_CONFIG (not set), "
+            f"./config.toml (not in {Path.cwd()}).\n"
+            f"Make one: {_copy_example('config.toml')}, then fill in [wechat] token and "
+            "[reader] secret; or pass --config PATH.\n"
+            "To try newsbot without a config: newsbot demo")
+    origin = str(resolved)
+    if not resolved.is_file():
+        given = "--config" if path else "$NEWSBOT_CONFIG"
+        if resolved.exists():
+            raise ConfigNotFound(f"config file {resolved} (from {given}) is not a file: give "
+                                 "the path of the config file itself")
+        raise ConfigNotFound(
+            f"config file {resolved} (from {given}) does not exist.\n"
+            f"Make it: {_copy_example(str(resolved))}, then fill in [wechat] token and "
+            "[reader] secret.")
+    try:
+        data: dict[str, Any] = tomllib.loads(resolved.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{resolved}: not valid TOML: {exc}") from exc
     _apply_env(data, environ)
     for section, table in (overrides or {}).items():
         data.setdefault(section, {}).update(table)
@@ -300,12 +314,22 @@ def load_settings(
         settings = Settings.model_validate(data)
     except ValidationError as exc:
         raise SettingsError(_format_errors(exc, origin)) from None
-    settings.source = str(resolved) if resolved else None
+    settings.source = str(resolved)
     return settings
 
 
+def _copy_example(target: str) -> str:
+    """The command that makes a config from the commented example, which sits beside the
+    package in a source checkout but is not part of the wheel."""
+    example = Path(__file__).resolve().parent.parent / "config.example.toml"
+    if example.is_file():
+        return f"cp {example} {target}"
+    return (f"copy config.example.toml from the newsbot source (next to its README.md) to "
+            f"{target}")
+
+
 def _resolve(path: str | Path | None, environ: dict[str, str]) -> Path | None:
-    if path:
+    if path:  # --config
         return Path(path)
     if environ.get("NEWSBOT_CONFIG"):
         return Path(environ["NEWSBOT_CONFIG"])

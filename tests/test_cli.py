@@ -276,7 +276,7 @@ def test_user_show_lists_unlocks(run: Run, reader: str, engine: Engine) -> None:
 def test_ledger_check_ok_then_corrupted(run: Run, reader: str, engine: Engine) -> None:
     run("topup", reader, "10", "--reason", "r")
     ok = run("ledger", "check")
-    assert ok.exit_code == 0 and "ledger OK: 1 users, 1 entries" in ok.stdout
+    assert ok.exit_code == 0 and "ledger OK: 1 user, 1 entry" in ok.stdout
 
     with engine.begin() as conn:
         conn.execute(text("UPDATE subscriber SET balance = balance + 1"))

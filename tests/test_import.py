@@ -121,7 +121,7 @@ def test_every_problem_of_every_file_is_listed_and_nothing_is_written(
         f"{missing}: file: cannot read",
     ):
         assert expected in err, (expected, err)
-    assert "nothing imported: 9 problem(s) in 5 file(s)" in err
+    assert "nothing imported: 9 problems in 5 files" in err
     assert str(updated) not in err and str(new) not in err
     assert result.stdout == ""
     assert rows(engine) == before  # neither the good new file nor the good update was stored
@@ -181,9 +181,9 @@ def test_sold_issue_keeps_price_and_text_without_force(run: Run, engine: Engine,
         body=BODY.replace("价格与供需。", "价格、供需与库存。") + "\n\n新增的第四段。"))
     refused = run("issue", "import", str(path))
     assert refused.exit_code == 2, refused.output
-    assert (f"{path}:4: price: issue 5 has been sold (1 buyer(s)): the price would change "
+    assert (f"{path}:4: price: issue 5 has been sold (1 buyer): the price would change "
             "30 → 20 豆. Keep `price = 30`, or pass --force") in refused.stderr
-    assert (f"{path}:12: body: issue 5 has been sold (1 buyer(s)): the text they paid for "
+    assert (f"{path}:12: body: issue 5 has been sold (1 buyer): the text they paid for "
             "would change (+11/−1 字 in 2 of 5 blocks") in refused.stderr
     # What would have changed is shown too.
     assert "would update: #5 第五期（修订）" in refused.stdout
@@ -242,7 +242,7 @@ def test_sold_issue_is_not_hidden_from_its_buyers(run: Run, engine: Engine,
     write(tmp_path, "005.md", issue_text(published="2099-01-01"))
     later = run("issue", "import", str(path))
     assert later.exit_code == 2
-    assert (f"{path}:5: published: issue 5 has been sold (1 buyer(s)): publishing it only at "
+    assert (f"{path}:5: published: issue 5 has been sold (1 buyer): publishing it only at "
             "2099-01-01 00:00 (Asia/Shanghai) would hide it from its buyers. Keep "
             "`published = 2026-11-23T00:00:00+08:00`, or pass --force") in later.stderr
 

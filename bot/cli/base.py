@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, tzinfo
+from datetime import datetime
 from enum import StrEnum
+from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -21,7 +22,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
-from bot.settings import Settings, SettingsError, load_settings
+from bot.settings import ConfigNotFound, Settings, SettingsError, load_settings
 from handlers.numbers import parse_int
 from storage import ledger, schema
 from storage.db import make_engine
@@ -36,6 +37,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain Click help: Rich markup would eat "[server]"-style names and show flags as <bool>.
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 100},
 )
 issue_app = typer.Typer(help="Import, list, show and publish issues.", no_args_is_help=True)
 user_app = typer.Typer(help="Subscribers and their balances.", no_args_is_help=True)
@@ -98,8 +102,30 @@ def _fail(message: str, code: int) -> NoReturn:
     raise typer.Exit(code)
 
 
+def version() -> str:
+    """The installed distribution's version, else (run from a checkout) the package's own."""
+    try:
+        return metadata.version("newsbot")
+    except metadata.PackageNotFoundError:
+        import bot
+
+        return bot.__version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"newsbot {version()}", markup=False)
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root(ctx: typer.Context, config: ConfigOpt = None) -> None:
+def _root(
+    ctx: typer.Context,
+    config: ConfigOpt = None,
+    _version: Annotated[bool, typer.Option(
+        "--version", help="Print the version and exit.", is_eager=True,
+        callback=_print_version)] = False,
+) -> None:
     """WeChat newsletter bot: run the server, manage issues, users and tokens."""
     ctx.obj = {"config": config}
 
@@ -112,9 +138,13 @@ def _config_path(ctx: typer.Context, config: Path | None) -> Path | None:
 
 
 def _settings(ctx: typer.Context, config: Path | None,
-              overrides: dict[str, Any] | None = None) -> Settings:
+              overrides: dict[str, Any] | None = None, *, no_config_hint: str = "") -> Settings:
+    """The settings, or exit 2 saying what is wrong: a command never runs on defaults alone
+    (they would create ./newsbot.db wherever it was started)."""
     try:
         return load_settings(_config_path(ctx, config), overrides=overrides)
+    except ConfigNotFound as exc:
+        _fail(f"{exc}\n{no_config_hint}" if no_config_hint else str(exc), 2)
     except SettingsError as exc:
         _fail(str(exc), 2)
 
@@ -152,19 +182,39 @@ def _database(settings: Settings, *, set_up_empty: bool = True) -> Iterator[Engi
         engine.dispose()
 
 
-def _zone(settings: Settings) -> tzinfo:
+# Times the operator reads are in [broadcast] timezone, the zone the weekly job runs in, and
+# always say so: a table names the zone in its header, a sentence after the time. JSON gives
+# ISO 8601 with that zone's offset.
+
+
+def _zone(settings: Settings) -> ZoneInfo:
     try:
         return ZoneInfo(settings.broadcast.timezone)
-    except (ZoneInfoNotFoundError, ValueError):
-        return UTC
+    except (ZoneInfoNotFoundError, ValueError):  # the settings validator rules this out
+        return ZoneInfo("UTC")
 
 
-def _iso(dt: datetime | None) -> str | None:
-    return None if dt is None else dt.isoformat()
+def _iso(dt: datetime | None, zone: ZoneInfo) -> str | None:
+    return None if dt is None else dt.astimezone(zone).isoformat(timespec="seconds")
 
 
-def _local(dt: datetime | None, zone: tzinfo, fmt: str = "%Y-%m-%d %H:%M") -> str:
+def _local(dt: datetime | None, zone: ZoneInfo, fmt: str = "%Y-%m-%d %H:%M") -> str:
+    """For a table column whose header carries the zone (see ``_header``)."""
     return "" if dt is None else dt.astimezone(zone).strftime(fmt)
+
+
+def _header(name: str, zone: ZoneInfo) -> str:
+    return f"{name} ({zone.key})"
+
+
+def _when(dt: datetime | None, zone: ZoneInfo, fmt: str = "%Y-%m-%d %H:%M") -> str:
+    """A time in a sentence: 2026-11-30 08:00 (Asia/Shanghai)."""
+    return "" if dt is None else f"{_local(dt, zone, fmt)} ({zone.key})"
+
+
+def _plural(n: int, word: str, plural: str | None = None) -> str:
+    """``1 batch``, ``2 batches``: a count and its noun, in agreement."""
+    return f"{n} {word if n == 1 else plural or word + 's'}"
 
 
 def _status(issue: IssuePreview, now: datetime) -> str:

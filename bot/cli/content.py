@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime, tzinfo
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
+from zoneinfo import ZoneInfo
 
 import typer
 from rich.panel import Panel
@@ -18,10 +19,13 @@ from bot.cli.base import (
     _database,
     _dump,
     _fail,
+    _header,
     _iso,
     _local,
+    _plural,
     _settings,
     _status,
+    _when,
     _zone,
     err,
     issue_app,
@@ -53,24 +57,24 @@ from storage.issues import (
 from storage.models import utcnow
 
 
-def _issue_summary(issue: IssuePreview, now: datetime) -> dict[str, Any]:
+def _issue_summary(issue: IssuePreview, now: datetime, zone: ZoneInfo) -> dict[str, Any]:
     return {
         "number": issue.number,
         "title": issue.title,
         "price": issue.price,
         "free_percent": issue.free_percent,
-        "published": _iso(issue.published_at),
+        "published": _iso(issue.published_at, zone),
         "status": _status(issue, now),
         "char_count": issue.char_count,
         "excerpt_char_count": issue.excerpt_char_count,
     }
 
 
-def _when(dt: datetime | None, zone: tzinfo, settings: Settings) -> str:
-    return "draft" if dt is None else f"{_local(dt, zone)} ({settings.broadcast.timezone})"
+def _when_or_draft(dt: datetime | None, zone: ZoneInfo) -> str:
+    return "draft" if dt is None else _when(dt, zone)
 
 
-def _toml_time(dt: datetime, zone: tzinfo) -> str:
+def _toml_time(dt: datetime, zone: ZoneInfo) -> str:
     return dt.astimezone(zone).isoformat(timespec="seconds")
 
 
@@ -80,12 +84,12 @@ def _quote(text: str, limit: int = 40) -> str:
 
 def _text_change(diff: TextDiff) -> str:
     if not diff.added and not diff.removed:
-        return f"formatting only, no 字 changed ({diff.blocks_changed} block(s))"
+        return f"formatting only, no 字 changed ({_plural(diff.blocks_changed, 'block')})"
     return (f"+{diff.added:,}/−{diff.removed:,} 字 in {diff.blocks_changed} of "
             f"{max(diff.blocks_before, diff.blocks_after)} blocks (paragraphs, headings…)")
 
 
-def _changes(plan: ImportPlan, zone: tzinfo, settings: Settings) -> list[str]:
+def _changes(plan: ImportPlan, zone: ZoneInfo, settings: Settings) -> list[str]:
     """The diff summary of an update, one line per changed field."""
     before, new = plan.before, plan.parsed
     if before is None or plan.status != "updated":
@@ -102,8 +106,8 @@ def _changes(plan: ImportPlan, zone: tzinfo, settings: Settings) -> list[str]:
         elif name == "free_percent":
             lines.append(f"free excerpt: {before.free_percent}% → {new.effective_free_percent}%")
         elif name == "published":
-            was, now = (_when(before.published_at, zone, settings),
-                        _when(plan.published_at, zone, settings))
+            was, now = (_when_or_draft(before.published_at, zone),
+                        _when_or_draft(plan.published_at, zone))
             if was == now and before.published_at and plan.published_at:  # seconds apart
                 was, now = (_local(before.published_at, zone, "%Y-%m-%d %H:%M:%S"),
                             _local(plan.published_at, zone, "%Y-%m-%d %H:%M:%S"))
@@ -128,19 +132,19 @@ def _changes(plan: ImportPlan, zone: tzinfo, settings: Settings) -> list[str]:
     return lines
 
 
-def _refusal_problems(plan: ImportPlan, zone: tzinfo, settings: Settings) -> list[IssueProblem]:
+def _refusal_problems(plan: ImportPlan, zone: ZoneInfo, settings: Settings) -> list[IssueProblem]:
     """Each refusal of a plan as a problem saying what to change or which flag to pass."""
     p, before = plan.parsed, plan.before
     if before is None:
         return []
     n = p.number
-    sold = f"issue {n} has been sold ({plan.buyers} buyer(s))"
+    sold = f"issue {n} has been sold ({_plural(plan.buyers, 'buyer')})"
     problems = []
     for refusal in plan.refusals:
         if refusal == "published_missing" and before.published_at is not None:
             state = "published since" if before.published_at <= utcnow() else "scheduled for"
             message = (
-                f"issue {n} is {state} {_when(before.published_at, zone, settings)}, but this "
+                f"issue {n} is {state} {_when_or_draft(before.published_at, zone)}, but this "
                 "file has no `published` (absent = draft). To keep it as it is, add "
                 f"`published = {_toml_time(before.published_at, zone)}` to the front matter; "
                 "to make it a draft again, pass --unpublish"
@@ -161,7 +165,7 @@ def _refusal_problems(plan: ImportPlan, zone: tzinfo, settings: Settings) -> lis
                 "the new text"))
         elif refusal == "sold_hidden":
             what = "unpublishing it" if plan.published_at is None else \
-                f"publishing it only at {_when(plan.published_at, zone, settings)}"
+                f"publishing it only at {_when_or_draft(plan.published_at, zone)}"
             keep = "" if before.published_at is None else \
                 f"Keep `published = {_toml_time(before.published_at, zone)}`, or pass --force"
             problems.append(IssueProblem(
@@ -170,17 +174,17 @@ def _refusal_problems(plan: ImportPlan, zone: tzinfo, settings: Settings) -> lis
     return problems
 
 
-def _plan_json(plan: ImportPlan, zone: tzinfo, settings: Settings,
+def _plan_json(plan: ImportPlan, zone: ZoneInfo, settings: Settings,
                dry_run: bool) -> dict[str, Any]:
     p = plan.parsed
     return {"file": p.file, "status": plan.status, "number": p.number, "title": p.title,
-            "draft": plan.published_at is None, "published": _iso(plan.published_at),
+            "draft": plan.published_at is None, "published": _iso(plan.published_at, zone),
             "char_count": p.char_count, "excerpt_char_count": p.excerpt_char_count,
             "buyers": plan.buyers, "changed": list(plan.changed),
             "changes": _changes(plan, zone, settings), "dry_run": dry_run}
 
 
-def _report(plan: ImportPlan, zone: tzinfo, settings: Settings, *, would: bool) -> None:
+def _report(plan: ImportPlan, zone: ZoneInfo, settings: Settings, *, would: bool) -> None:
     p = plan.parsed
     verb = {"created": "create", "updated": "update", "unchanged": "leave unchanged"}
     done = {"created": "created", "updated": "updated", "unchanged": "unchanged"}
@@ -189,7 +193,7 @@ def _report(plan: ImportPlan, zone: tzinfo, settings: Settings, *, would: bool) 
         out.print(f"{head}: #{p.number} {p.title} ({p.file}: same file as stored)",
                   markup=False, soft_wrap=True)
         return
-    state = _when(plan.published_at, zone, settings)
+    state = _when_or_draft(plan.published_at, zone)
     state = state if plan.published_at is None else (
         ("published " if plan.published_at <= utcnow() else "scheduled ") + state)
     out.print(f"{head}: #{p.number} {p.title} — {p.char_count:,} 字, free excerpt "
@@ -206,7 +210,8 @@ def _refuse(problems: list[IssueProblem], as_json: bool, hint: str) -> NoReturn:
     for q in problems:
         err.print(str(q), style="red", markup=False, soft_wrap=True)
     files = len({q.file for q in problems})
-    _fail(f"nothing imported: {len(problems)} problem(s) in {files} file(s); {hint}", 2)
+    _fail(f"nothing imported: {_plural(len(problems), 'problem')} in {_plural(files, 'file')}; "
+          f"{hint}", 2)
 
 
 DryRunOpt = Annotated[bool, typer.Option(
@@ -284,15 +289,14 @@ def issue_list(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt = 
     with _database(settings) as engine, transaction(engine) as session:
         items = list_issues(session, default_free_percent=settings.content.free_percent,
                             include_drafts=True)
-    now = utcnow()
+    now, zone = utcnow(), _zone(settings)
     if as_json:
-        _dump([_issue_summary(i, now) for i in items])
+        _dump([_issue_summary(i, now, zone) for i in items])
         return
     if not items:
         out.print("no issues yet: import one with `newsbot issue import FILE`", markup=False)
         return
-    zone = _zone(settings)
-    table = Table("#", "title", "price", "status", "字", "free 字")
+    table = Table("#", "title", "price", _header("status", zone), "字", "free 字")
     table.columns[1].overflow = "fold"
     for i in items:
         status = _status(i, now)
@@ -319,17 +323,16 @@ def issue_show(
                               include_drafts=True)
         except UnknownIssue:
             _fail(f"no issue {number}", 1)
-    now = utcnow()
+    now, zone = utcnow(), _zone(settings)
     topics = [{"title": t.title, "questions": list(t.questions)} for t in issue.topics]
     if as_json:
-        _dump({**_issue_summary(issue, now), "summary": issue.summary, "topics": topics,
+        _dump({**_issue_summary(issue, now, zone), "summary": issue.summary, "topics": topics,
                "excerpt": issue.excerpt_md})
         return
-    zone = _zone(settings)
     status = _status(issue, now)
     lines = [
         f"#{issue.number} {issue.title}",
-        f"status: {status}" + (f" ({_local(issue.published_at, zone)})"
+        f"status: {status}" + (f" {_when(issue.published_at, zone)}"
                                if issue.published_at else ""),
         f"price: {issue.price} {settings.tokens.name}; free excerpt {issue.free_percent}% = "
         f"{issue.excerpt_char_count:,} of {issue.char_count:,} 字",
@@ -360,8 +363,8 @@ def issue_publish(
         except UnknownIssue:
             _fail(f"no issue {number}: import it first with `newsbot issue import FILE`", 2)
         issue = publish_issue(session, number=number, at=now)
-    when = _local(issue.published_at, _zone(settings))
+    when = _when(issue.published_at, _zone(settings))
     if before.published_at is not None and before.published_at <= now:
-        out.print(f"#{number} {before.title} was already published ({when})", markup=False)
+        out.print(f"#{number} {before.title} was already published at {when}", markup=False)
     else:
-        out.print(f"published #{number} {before.title} ({when})", markup=False)
+        out.print(f"published #{number} {before.title} at {when}", markup=False)

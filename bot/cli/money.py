@@ -6,6 +6,7 @@ import getpass
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
+from zoneinfo import ZoneInfo
 
 import typer
 from rich.table import Table
@@ -18,9 +19,12 @@ from bot.cli.base import (
     _database,
     _dump,
     _fail,
+    _header,
     _iso,
     _local,
+    _plural,
     _settings,
+    _when,
     _zone,
     app,
     err,
@@ -42,7 +46,7 @@ from storage.ledger import CreditKind, LedgerResult
 from storage.models import LedgerEntry, Subscriber
 
 
-def _entry_json(e: LedgerEntry) -> dict[str, Any]:
+def _entry_json(e: LedgerEntry, zone: ZoneInfo) -> dict[str, Any]:
     return {
         "id": e.id,
         "amount": e.amount,
@@ -52,18 +56,18 @@ def _entry_json(e: LedgerEntry) -> dict[str, Any]:
         "operator": e.operator,
         "key": e.idempotency_key,
         "balance_after": e.balance_after,
-        "created_at": _iso(e.created_at),
+        "created_at": _iso(e.created_at, zone),
     }
 
 
-def _user_json(sub: Subscriber) -> dict[str, Any]:
+def _user_json(sub: Subscriber, zone: ZoneInfo) -> dict[str, Any]:
     return {
         "openid": sub.openid,
         "balance": sub.balance,
         "subscribed": sub.subscribed,
-        "created_at": _iso(sub.created_at),
-        "subscribed_at": _iso(sub.subscribed_at),
-        "unsubscribed_at": _iso(sub.unsubscribed_at),
+        "created_at": _iso(sub.created_at, zone),
+        "subscribed_at": _iso(sub.subscribed_at, zone),
+        "unsubscribed_at": _iso(sub.unsubscribed_at, zone),
     }
 
 
@@ -81,11 +85,11 @@ def user_list(
     with _database(settings) as engine, transaction(engine) as session:
         subs = subscribers.list_subscribers(session, limit=limit, active_only=active)
         total = subscribers.count_subscribers(session, active_only=active)
-    if as_json:
-        _dump([_user_json(s) for s in subs])
-        return
     zone = _zone(settings)
-    table = Table("openid", "balance", "subscribed", "since")
+    if as_json:
+        _dump([_user_json(s, zone) for s in subs])
+        return
+    table = Table("openid", "balance", "subscribed", _header("since", zone))
     for s in subs:
         table.add_row(Text(s.openid), f"{s.balance} {settings.tokens.name}",
                       "yes" if s.subscribed else "no", _local(s.created_at, zone))
@@ -110,18 +114,19 @@ def user_show(
             _fail(f"no subscriber {openid!r}", 1)
         unlocked = sorted(ledger.unlocked_issues(session, openid=openid))
         rows = ledger.recent_entries(session, openid=openid, limit=entries)
+    zone = _zone(settings)
     if as_json:
-        _dump({**_user_json(sub), "unlocked": unlocked, "entries": [_entry_json(e) for e in rows]})
+        _dump({**_user_json(sub, zone), "unlocked": unlocked,
+               "entries": [_entry_json(e, zone) for e in rows]})
         return
     unit = settings.tokens.name
-    zone = _zone(settings)
     out.print(
         f"{sub.openid}: balance {sub.balance} {unit}, "
         f"{'subscribed' if sub.subscribed else 'unsubscribed'}; unlocked: "
         f"{', '.join(f'#{n}' for n in unlocked) or 'none'}",
         markup=False, soft_wrap=True,
     )
-    table = Table("id", "when", "amount", "kind", "balance", "reason", "by")
+    table = Table("id", _header("when", zone), "amount", "kind", "balance", "reason", "by")
     for e in rows:
         table.add_row(str(e.id), _local(e.created_at, zone), f"{e.amount:+d}", e.kind,
                       str(e.balance_after), Text(e.reason), Text(e.operator or ""))
@@ -170,14 +175,14 @@ def _credit(ctx: typer.Context, config: Path | None, *, kind: CreditKind, openid
               "synced from WeChat); nothing written", 2)
     except IdempotencyConflict as exc:
         _fail(f"{exc}; nothing written", 2)
-    _report_credit(result, key=key, unit=unit)
+    _report_credit(result, key=key, unit=unit, zone=_zone(settings))
 
 
-def _report_credit(result: LedgerResult, *, key: str, unit: str) -> None:
+def _report_credit(result: LedgerResult, *, key: str, unit: str, zone: ZoneInfo) -> None:
     e = result.entry
     what = f"{e.kind} {e.amount:+d} {unit} for {e.openid}"
     if result.replayed:
-        out.print(f"already applied: key {key} was used at {_iso(e.created_at)} for {what} "
+        out.print(f"already applied: key {key} was used at {_when(e.created_at, zone)} for {what} "
                   f"(entry #{e.id}, balance after {e.balance_after} {unit}); nothing new "
                   "written", markup=False, soft_wrap=True)
         return
@@ -240,12 +245,14 @@ def ledger_check(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt 
                "mismatches": [{"openid": p.openid, "cached": p.cached, "ledger": p.ledger,
                                "problem": p.problem} for p in problems]})
     elif not problems:
-        out.print(f"ledger OK: {users} users, {entries} entries", markup=False)
+        out.print(f"ledger OK: {_plural(users, 'user')}, {_plural(entries, 'entry', 'entries')}",
+                  markup=False)
     else:
         for p in problems:
             err.print(f"{p.openid}: {p.problem} (cached {p.cached}, ledger {p.ledger})",
                       style="red", markup=False, soft_wrap=True)
-        err.print(f"ledger MISMATCH: {len(problems)} problem(s) across {users} users, "
-                  f"{entries} entries", style="bold red", markup=False)
+        err.print(f"ledger MISMATCH: {_plural(len(problems), 'problem')} across "
+                  f"{_plural(users, 'user')}, {_plural(entries, 'entry', 'entries')}",
+                  style="bold red", markup=False)
     if problems:
         raise typer.Exit(1)

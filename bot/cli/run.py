@@ -26,13 +26,13 @@ from bot.wechat.crypto import safe_mode_problems
 def serve(
     ctx: typer.Context,
     config: ConfigOpt = None,
-    host: Annotated[str | None, typer.Option(help="Bind address [server] host.")] = None,
-    port: Annotated[int | None, typer.Option(help="Port [server] port.",
+    host: Annotated[str | None, typer.Option(help="Bind address (default: [server] host).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: [server] port).",
                                              parser=WHOLE_NUMBER)] = None,
-    workers: Annotated[int | None, typer.Option(help="Worker processes.",
-                                                parser=WHOLE_NUMBER)] = None,
-    threads: Annotated[int | None, typer.Option(help="Threads per worker.",
-                                                parser=WHOLE_NUMBER)] = None,
+    workers: Annotated[int | None, typer.Option(
+        help="Worker processes (default: [server] workers).", parser=WHOLE_NUMBER)] = None,
+    threads: Annotated[int | None, typer.Option(
+        help="Threads per worker (default: [server] threads).", parser=WHOLE_NUMBER)] = None,
     log_level: Annotated[LogLevel, typer.Option(help="Log level.")] = LogLevel.info,
 ) -> None:
     """Run the webhook and reader pages on gunicorn.
@@ -65,7 +65,8 @@ def serve(
 def demo(
     port: Annotated[int | None, typer.Option(help="Port (default: a free one).",
                                              parser=WHOLE_NUMBER)] = None,
-    workdir: Annotated[Path, typer.Option("--dir", help="Working folder, wiped each run.")]
+    workdir: Annotated[Path, typer.Option(
+        "--dir", help="Working folder, wiped each run; one running demo per folder.")]
     = Path(".newsbot-demo"),
     no_chat: Annotated[bool, typer.Option("--no-chat", help="Only serve until Ctrl-C.")]
     = False,
@@ -86,11 +87,14 @@ def chat(
     token: Annotated[str | None, typer.Option(help="WeChat token (default [wechat] token).")]
     = None,
 ) -> None:
-    """Chat with a running server as a WeChat user would (signed XML pushes)."""
+    """Chat with a running server as a WeChat user would (signed XML pushes).
+
+    Needs no config when both --url and --token are given."""
     from bot.demo.chat import run_chat
 
     if url is None or token is None:
-        settings = _settings(ctx, config)
+        settings = _settings(ctx, config, no_config_hint="or chat without a config: pass "
+                             "both --url URL and --token TOKEN")
         srv = settings.server
         host = "127.0.0.1" if srv.host in ("0.0.0.0", "::", "") else srv.host
         url = url or f"http://{host}:{srv.port}{srv.webhook_path}"

@@ -9,8 +9,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from types import FrameType
 from typing import Annotated, Any
+from zoneinfo import ZoneInfo
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -24,7 +26,13 @@ from bot.cli.base import (
     _database,
     _dump,
     _fail,
+    _header,
+    _iso,
+    _local,
+    _plural,
     _settings,
+    _when,
+    _zone,
     app,
     err,
     out,
@@ -60,17 +68,17 @@ def _client(settings: Settings, engine: Engine) -> Iterator[WeChatClient]:
         yield client
 
 
-def _broadcast_json(s: Any, record: Broadcast) -> dict[str, Any]:
+def _broadcast_json(s: Any, record: Broadcast, zone: ZoneInfo) -> dict[str, Any]:
     return {
         "issue": record.issue_number, "mode": record.mode, "status": record.status,
         "forced": record.forced, "batches_sent": record.batches_sent,
         "recipients": record.recipients, "error": record.error,
-        "started_at": record.started_at.isoformat(),
-        "finished_at": record.finished_at.isoformat() if record.finished_at else None,
+        "started_at": _iso(record.started_at, zone),
+        "finished_at": _iso(record.finished_at, zone),
         "batches": [{
             "seq": b.seq, "status": b.status, "clientmsgid": b.clientmsgid,
             "msg_id": b.msg_id, "recipients": b.recipients, "already_sent": b.already_sent,
-            "sent_at": b.sent_at.isoformat() if b.sent_at else None,
+            "sent_at": _iso(b.sent_at, zone),
             "wechat_status": b.job_status, "total_count": b.total_count,
             "sent_count": b.sent_count, "error_count": b.error_count,
             "filter_count": b.filter_count,
@@ -78,7 +86,12 @@ def _broadcast_json(s: Any, record: Broadcast) -> dict[str, Any]:
     }
 
 
+def _parse_iso(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
 def _status(settings: Settings, number: int | None, as_json: bool) -> None:
+    zone = _zone(settings)
     with _database(settings) as engine, transaction(engine) as s:
         if number is not None:
             one = broadcasts.get_broadcast(s, issue_number=number)
@@ -87,7 +100,7 @@ def _status(settings: Settings, number: int | None, as_json: bool) -> None:
             records = [one]
         else:
             records = broadcasts.list_broadcasts(s)
-        data = [_broadcast_json(s, r) for r in records]
+        data = [_broadcast_json(s, r, zone) for r in records]
         runs = broadcasts.recent_weekly_runs(s, limit=5)
     if as_json:
         _dump(data[0] if number is not None else data)
@@ -96,33 +109,40 @@ def _status(settings: Settings, number: int | None, as_json: bool) -> None:
         out.print("no broadcasts yet")
     for item in data:
         table = Table(title=f"issue {item['issue']}: {item['status']} ({item['mode']}, "
-                            f"{item['recipients']} recipients, {item['batches_sent']} batches)")
-        for column in ("batch", "status", "recipients", "msg_id", "WeChat report"):
+                            f"{_plural(item['recipients'], 'recipient')}, "
+                            f"{_plural(item['batches_sent'], 'batch', 'batches')}; started "
+                            f"{_when(_parse_iso(item['started_at']), zone)})")
+        for column in ("batch", "status", "recipients", _header("sent", zone), "msg_id",
+                       "WeChat report"):
             table.add_column(column)
         for b in item["batches"]:
             report = (f"{b['wechat_status']}: {b['sent_count']}/{b['total_count']} sent, "
-                      f"{b['error_count']} errors" if b["wechat_status"] else "—")
+                      f"{_plural(b['error_count'] or 0, 'error')}" if b["wechat_status"]
+                      else "—")
             note = " (already sent)" if b["already_sent"] else ""
             table.add_row(str(b["seq"]), b["status"] + note, str(b["recipients"]),
-                          str(b["msg_id"] or ""), report)
+                          _local(_parse_iso(b["sent_at"]), zone), str(b["msg_id"] or ""),
+                          report)
         out.print(table)
         if item["error"]:
             err.print(f"last error: {item['error']}", style="red", markup=False)
     if number is None and runs:
-        out.print("weekly runs: " + "; ".join(
-            f"{r.scheduled_for:%Y-%m-%d %H:%M} UTC {r.status} {r.note or ''}".strip()
+        out.print(f"weekly runs ({zone.key}): " + "; ".join(
+            f"{_local(r.scheduled_for, zone)} {r.status} {r.note or ''}".strip()
             for r in runs), markup=False)
 
 
 @app.command("broadcast")
 def broadcast(
     ctx: typer.Context,
-    target: Annotated[str, typer.Argument(metavar="N | status [N] | resume N",
-                                          help="An issue number, or status / resume.")],
-    number: Annotated[int | None, typer.Argument(metavar="[N]", show_default=False,
-                                                 parser=WHOLE_NUMBER)] = None,
-    preview: Annotated[bool, typer.Option("--preview", help="Send to preview_openids only.")]
-    = False,
+    target: Annotated[str, typer.Argument(
+        metavar="N|status|resume", help="An issue number N to push, or `status [N]`, or "
+        "`resume N`.", show_default=False)],
+    number: Annotated[int | None, typer.Argument(
+        metavar="N", help="The issue for `status` (default: all) or `resume`.",
+        show_default=False, parser=WHOLE_NUMBER)] = None,
+    preview: Annotated[bool, typer.Option(
+        "--preview", help="Send to [broadcast] preview_openids only.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print text and plan; send nothing.")]
     = False,
     force: Annotated[bool, typer.Option("--force", help="Go past the monthly cap.")] = False,
@@ -149,34 +169,38 @@ def broadcast(
         if dry_run:
             _dry_run(settings, engine, issue_number)
             return
-        with _client(settings, engine) as client, _bar() as bar:
-            task = bar.add_task(f"issue {issue_number}", total=None)
-
-            def on_progress(p: BroadcastProgress) -> None:
-                bar.update(task, completed=p.recipients, total=p.total or None,
-                           description=f"issue {issue_number} · batch {p.batch}")
-
-            sender = Broadcaster(settings, engine, client, on_progress=on_progress)
+        with _client(settings, engine) as client:
+            sender = Broadcaster(settings, engine, client)
             try:
-                if preview:
+                # Everything that can refuse is checked before a progress bar is drawn.
+                sender.check(issue_number, force=force, resume=resume, preview=preview)
+                if preview:  # a few calls, no bar
                     sent_to = sender.preview(issue_number)
-                    bar.stop()
-                    out.print(f"preview of issue {issue_number} sent to {', '.join(sent_to)}")
+                    out.print(f"preview of issue {issue_number} sent to {', '.join(sent_to)}",
+                              markup=False)
                     return
-                record = sender.resume(issue_number) if resume else sender.start(
-                    issue_number, force=force)
+                with _bar() as bar:
+                    task = bar.add_task(f"issue {issue_number}", total=None)
+
+                    def on_progress(p: BroadcastProgress) -> None:
+                        bar.update(task, completed=p.recipients, total=p.total or None,
+                                   description=f"issue {issue_number} · batch {p.batch}")
+
+                    sender.on_progress = on_progress
+                    record = sender.resume(issue_number) if resume else sender.start(
+                        issue_number, force=force)
             except (BroadcastRefused, UnknownIssue) as exc:
-                bar.stop()
                 _fail(str(exc), 2)
             except WeChatError as exc:
-                bar.stop()
                 if preview:
                     _fail(f"WeChat refused the preview: {exc.errcode} {exc.errmsg}", 1)
                 _fail(f"WeChat refused: {exc.errcode} {exc.errmsg}. The progress so far is "
                       f"saved; fix the cause and run `newsbot broadcast resume {issue_number}`",
                       1)
-    out.print(f"issue {record.issue_number} broadcast {record.status}: {record.batches_sent} "
-              f"batches, {record.recipients} recipients confirmed ({record.mode})")
+    out.print(f"issue {record.issue_number} broadcast {record.status}: "
+              f"{_plural(record.batches_sent, 'batch', 'batches')}, "
+              f"{_plural(record.recipients, 'recipient')} confirmed ({record.mode})",
+              markup=False)
 
 
 def _bar() -> Progress:
@@ -188,7 +212,7 @@ def _dry_run(settings: Settings, engine: Engine, number: int) -> None:
     sender = Broadcaster(settings, engine, messenger=_NoMessenger())
     try:
         plan = sender.plan(number)
-        sender._check_guards(number, force=False)
+        sender.check(number)
         verdict = "would be sent"
     except (BroadcastRefused, UnknownIssue) as exc:
         if isinstance(exc, UnknownIssue):
@@ -198,8 +222,9 @@ def _dry_run(settings: Settings, engine: Engine, number: int) -> None:
     out.print("")
     size = settings.broadcast.batch_size
     if plan.mode == "openids":
-        out.print(f"plan: mode openids, {plan.recipients} active subscribers in {plan.batches} "
-                  f"batch(es) of up to {size}; {verdict}", markup=False)
+        out.print(f"plan: mode openids, {_plural(plan.recipients, 'active subscriber')} in "
+                  f"{_plural(plan.batches, 'batch', 'batches')} of up to {size}; {verdict}",
+                  markup=False)
     elif plan.mode == "sendall":
         target = f"tag {settings.broadcast.tag_id}" if settings.broadcast.tag_id else "everyone"
         out.print(f"plan: mode sendall to {target}, 1 call; {verdict}", markup=False)
@@ -242,8 +267,9 @@ def scheduler(
         signal.signal(signal.SIGTERM, stop)
         if parent_pid is not None:
             _exit_with_parent(parent_pid, sched.shutdown)
-        out.print(f"weekly job: cron {settings.broadcast.cron!r} "
-                  f"({settings.broadcast.timezone}), next run {sched.next_fire_time()}")
+        out.print(f"weekly job: cron {settings.broadcast.cron!r} in "
+                  f"{settings.broadcast.timezone}, next run "
+                  f"{_when(sched.next_fire_time(), _zone(settings)) or 'none'}", markup=False)
         try:
             sched.start()
         except KeyboardInterrupt:
@@ -275,22 +301,24 @@ def users_sync(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt = 
                 pages += 1
                 seen += len(page)
                 if not as_json:
-                    err.print(f"page {pages}: {len(page)} followers", markup=False)
+                    err.print(f"page {pages}: {_plural(len(page), 'follower')}", markup=False)
         except WeChatError as exc:
-            _fail(f"WeChat refused: {exc.errcode} {exc.errmsg} (after {pages} pages; "
+            _fail(f"WeChat refused: {exc.errcode} {exc.errmsg} (after "
+                  f"{_plural(pages, 'page')}; "
                   "running sync again is safe)", 1)
         with transaction(engine) as s:
             active = subscribers.count_subscribers(s, active_only=True)
     if as_json:
         _dump({"pages": pages, "followers": seen, "new": new, "active": active})
     else:
-        out.print(f"synced {seen} followers in {pages} page(s): {new} new, {active} active "
-                  "subscribers in total")
+        out.print(f"synced {_plural(seen, 'follower')} in {_plural(pages, 'page')}: {new} new, "
+                  f"{_plural(active, 'active subscriber')} in total", markup=False)
 
 
 @menu_app.command("sync")
 def menu_sync(ctx: typer.Context, config: ConfigOpt = None,
-              dry_run: Annotated[bool, typer.Option("--dry-run")] = False) -> None:
+              dry_run: Annotated[bool, typer.Option(
+                  "--dry-run", help="Print the menu JSON; send nothing.")] = False) -> None:
     """Create the custom menu from [[menu.buttons]] in the config."""
     import json
 
@@ -307,6 +335,6 @@ def menu_sync(ctx: typer.Context, config: ConfigOpt = None,
             client.create_menu(menu)
         except WeChatError as exc:
             _fail(f"WeChat refused the menu: {exc.errcode} {exc.errmsg}", 1)
-    out.print(f"menu created: {len(menu['button'])} buttons")
+    out.print(f"menu created: {_plural(len(menu['button']), 'button')}", markup=False)
 
 

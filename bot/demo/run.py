@@ -6,6 +6,7 @@ process with 50 followers, so a broadcast can be watched end to end."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from contextlib import contextmanager
 from importlib.resources import as_file, files
 from pathlib import Path
 from types import FrameType
+from typing import TextIO
 
 import httpx
 from rich.console import Console
@@ -43,6 +45,7 @@ log = logging.getLogger("newsbot.demo")
 READER = "o_demo_reader"
 OPERATOR = "o_demo_operator"
 MARKER = ".newsbot-demo"
+LOCK = ".newsbot-demo.lock"
 STARTUP_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
 PUBLISHED_SAMPLE = "issue-001.md"
@@ -69,21 +72,81 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def prepare_dir(workdir: Path) -> Path:
-    """Wipe and recreate the folder, but only one that a previous demo made (or an empty one):
-    ``--dir ~`` must never delete a home directory."""
+def prepare_dir(workdir: Path) -> tuple[Path, TextIO]:
+    """Lock the folder for this demo, then empty it, but only one that a previous demo made
+    (or an empty one): ``--dir ~`` must never delete a home directory. Returns the folder and
+    the open lock file, which must stay open while the demo runs."""
     workdir = workdir.resolve()
     if workdir.exists():
         if not workdir.is_dir():
             raise DemoRefused(f"{workdir} is a file, not a folder; choose another --dir")
-        if any(workdir.iterdir()) and not (workdir / MARKER).exists():
+        if (any(p.name != LOCK for p in workdir.iterdir())
+                and not (workdir / MARKER).exists()):
             raise DemoRefused(f"{workdir} is not empty and was not made by `newsbot demo`; "
                             "choose another --dir or remove it yourself")
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
-    (workdir / MARKER).write_text("made by `newsbot demo`; wiped on the next run\n",
-                                  encoding="utf-8")
-    return workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    lock = lock_dir(workdir)
+    try:
+        # The lock file stays: removing it would let a third demo lock a new file of the
+        # same name while this one holds the old one.
+        for entry in workdir.iterdir():
+            if entry.name == LOCK:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        (workdir / MARKER).write_text("made by `newsbot demo`; wiped on the next run\n",
+                                      encoding="utf-8")
+    except BaseException:
+        lock.close()
+        raise
+    return workdir, lock
+
+
+def lock_dir(workdir: Path) -> TextIO:
+    """Hold an exclusive flock on the folder's lock file for as long as it stays open. The
+    kernel drops it when the process ends however it ends, so a crashed demo never leaves a
+    stale lock; the pid written into it is only for the message."""
+    path = workdir / LOCK
+    lock = path.open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = _describe_holder(lock.read())
+        lock.close()
+        raise DemoRefused(
+            f"a demo is already running in {workdir}{holder}: starting another here would "
+            "replace its database, config and port.\n"
+            f"Use that one (newsbot --config {workdir / 'config.toml'} chat), stop it with "
+            "Ctrl-C in its terminal, or start a fresh one in another folder: "
+            "newsbot demo --dir OTHER_FOLDER") from None
+    except BaseException:
+        lock.close()
+        raise
+    _write_lock(lock, {"pid": os.getpid()})
+    return lock
+
+
+def _write_lock(lock: TextIO, info: dict[str, object]) -> None:
+    lock.seek(0)
+    lock.truncate()
+    lock.write(json.dumps(info) + "\n")
+    lock.flush()
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        info = json.loads(text)
+    except ValueError:
+        return ""
+    if not isinstance(info, dict):
+        return ""
+    parts = [f"pid {info['pid']}"] if isinstance(info.get("pid"), int) else []
+    if isinstance(info.get("webhook"), str):
+        parts.append(f"webhook {info['webhook']}")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _toml(value: str | int | list[str]) -> str:
@@ -251,27 +314,34 @@ def _panel(settings: Settings, config: Path, workdir: Path, webhook: str, balanc
     text.append("Reader links open in a normal browser.\n\n")
     text.append("Watch a broadcast (another terminal, while the demo runs):\n", style="bold")
     text.append(f"  newsbot --config {config} issue publish 2\n")
+    text.append(f"  newsbot --config {config} broadcast 2 --preview   (to {OPERATOR} only)\n")
     text.append(f"  newsbot --config {config} broadcast 2\n")
     text.append(f"  newsbot --config {config} broadcast status\n")
-    text.append("The pushed message shows up here in the chat.\n\n")
+    text.append("Pushed messages and previews show up here in the chat.\n\n")
     text.append(f"Other commands:  newsbot --config {config} user list\n")
     text.append(f"Chat from another terminal:  newsbot --config {config} chat\n")
     return Panel(text, title="newsbot demo", expand=False)
 
 
 def _watch_pushes(fake: FakeWeChat, console: Console) -> None:
-    """Show messages the fake WeChat delivers to the demo reader, as the phone would."""
+    """Show what the fake WeChat pushes, as the phones would: each broadcast batch, and each
+    `broadcast --preview` (mass/preview), which only the previewed openid receives."""
 
     def watch() -> None:
-        seen = 0
+        seen_sends = seen_previews = 0
         while fake.running:
-            sends = fake.mass_sends
-            for send in sends[seen:]:
+            sends, previews = fake.mass_sends, fake.previews
+            for send in sends[seen_sends:]:
                 if fake.deliveries.get(READER):
-                    console.print(f"\n📣 pushed to {send.sent_count} followers "
+                    followers = "follower" if send.sent_count == 1 else "followers"
+                    console.print(f"\n📣 pushed to {send.sent_count} {followers} "
                                   f"(batch msg_id {send.msg_id}):\n{send.content}\n",
                                   style="cyan", markup=False)
-            seen = len(sends)
+            for openid, content in previews[seen_previews:]:
+                console.print(f"\n👀 preview pushed to {openid} only "
+                              f"([broadcast] preview_openids):\n{content}\n",
+                              style="cyan", markup=False)
+            seen_sends, seen_previews = len(sends), len(previews)
             time.sleep(0.3)
 
     threading.Thread(target=watch, name="demo-push-watch", daemon=True).start()
@@ -284,8 +354,9 @@ def run_demo(*, port: int | None, workdir: Path, chat: bool, console: Console) -
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     proc: subprocess.Popen[bytes] | None = None
     fake: FakeWeChat | None = None
+    lock: TextIO | None = None
     try:
-        workdir = prepare_dir(workdir)
+        workdir, lock = prepare_dir(workdir)
         port = port or free_port()
         token, app_secret = secrets.token_hex(16), secrets.token_hex(16)
         fake = FakeWeChat(app_id=DEMO_APP_ID, app_secret=app_secret, followers=FOLLOWERS,
@@ -297,6 +368,7 @@ def run_demo(*, port: int | None, workdir: Path, chat: bool, console: Console) -
         balance = seed(settings, console)
         base_url = f"http://127.0.0.1:{port}"
         webhook = base_url + settings.server.webhook_path
+        _write_lock(lock, {"pid": os.getpid(), "webhook": webhook})
         console.print(f"starting the server on {base_url} …", style="dim", markup=False)
         # Assigned before the health wait, so a signal during startup still stops it.
         proc = start_server(config, workdir)
@@ -323,5 +395,7 @@ def run_demo(*, port: int | None, workdir: Path, chat: bool, console: Console) -
             stop_server(proc)
             console.print(f"server stopped; the demo files stay in {workdir}", style="dim",
                           markup=False)
+        if lock is not None:
+            lock.close()  # after the server is gone: the next demo may now take the folder
         for sig, handler in previous.items():
             signal.signal(sig, handler)

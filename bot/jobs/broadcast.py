@@ -104,6 +104,19 @@ class Broadcaster:
             end = (start + timedelta(days=32)).replace(day=1)
         return start, end
 
+    def check(self, number: int, *, force: bool = False, resume: bool = False,
+              preview: bool = False) -> None:
+        """Raise what start, resume or preview would refuse with (UnknownIssue or
+        BroadcastRefused) without sending anything, so a caller can say so before it draws
+        progress."""
+        if preview:
+            self._preview_openids()
+            self._issue(number)
+        elif resume:
+            self._resumable(number)
+        else:
+            self._check_guards(number, force=force)
+
     def _check_guards(self, number: int, *, force: bool) -> None:
         if self.cfg.mode == "off":
             raise BroadcastRefused(
@@ -117,7 +130,7 @@ class Broadcaster:
         with transaction(self.engine) as s:
             existing = broadcasts.get_broadcast(s, issue_number=issue.number)
             if existing is not None:
-                raise BroadcastRefused(describe_refusal(existing))
+                raise BroadcastRefused(describe_refusal(existing, self.tz))
             if self.cfg.mode == "sendall":
                 start, end = self._local_bounds("day")
                 if broadcasts.count_started_between(s, mode="sendall", start=start, end=end):
@@ -147,18 +160,22 @@ class Broadcaster:
             with transaction(self.engine) as s:
                 existing = broadcasts.get_broadcast(s, issue_number=number)
             assert existing is not None
-            raise BroadcastRefused(describe_refusal(existing))
+            raise BroadcastRefused(describe_refusal(existing, self.tz))
         log.info("broadcast of issue %s started (%s)", number, record.mode)
         return self._run(record)
 
-    def resume(self, number: int) -> Broadcast:
+    def _resumable(self, number: int) -> Broadcast:
         with transaction(self.engine) as s:
             record = broadcasts.get_broadcast(s, issue_number=number)
         if record is None:
             raise BroadcastRefused(f"issue {number} has no broadcast to resume; start one with "
                                    f"`newsbot broadcast {number}`")
         if record.status == "done":
-            raise BroadcastRefused(describe_refusal(record))
+            raise BroadcastRefused(describe_refusal(record, self.tz))
+        return record
+
+    def resume(self, number: int) -> Broadcast:
+        record = self._resumable(number)
         log.info("broadcast of issue %s resumed after %s batches", number, record.batches_sent)
         return self._run(record)
 
@@ -247,22 +264,28 @@ class Broadcaster:
 
     def preview(self, number: int) -> list[str]:
         """Send the broadcast text to ``preview_openids`` via mass/preview."""
+        openids = self._preview_openids()
+        text = self.plan(number).text
+        for openid in openids:
+            self.messenger.preview_text(openid, text)
+        return openids
+
+    def _preview_openids(self) -> list[str]:
         if not self.cfg.preview_openids:
             raise BroadcastRefused("[broadcast] preview_openids is empty: add your own openid")
-        text = self.plan(number).text
-        for openid in self.cfg.preview_openids:
-            self.messenger.preview_text(openid, text)
         return list(self.cfg.preview_openids)
 
 
-def describe_refusal(record: Broadcast) -> str:
-    when = record.started_at.strftime("%Y-%m-%d %H:%M UTC")
+def describe_refusal(record: Broadcast, zone: ZoneInfo) -> str:
+    """Why an issue cannot be broadcast again, its start time in ``zone`` (the configured one)."""
+    when = f"{record.started_at.astimezone(zone):%Y-%m-%d %H:%M} ({zone.key})"
+    batches = f"{record.batches_sent} batch{'' if record.batches_sent == 1 else 'es'}"
+    recipients = f"{record.recipients} recipient{'' if record.recipients == 1 else 's'}"
     if record.status == "done":
         return (f"issue {record.issue_number} was already broadcast ({record.mode}, started "
-                f"{when}, {record.batches_sent} batches, {record.recipients} recipients); "
-                "see `newsbot broadcast status`")
+                f"{when}, {batches}, {recipients}); see `newsbot broadcast status`")
     return (f"issue {record.issue_number} has an unfinished broadcast ({record.status}, started "
-            f"{when}, {record.batches_sent} batches confirmed); continue it with "
+            f"{when}, {batches} confirmed); continue it with "
             f"`newsbot broadcast resume {record.issue_number}`")
 
 
