@@ -158,8 +158,11 @@ def plain_server(kind: str, label: str, key: str, args: argparse.Namespace, work
 @contextmanager
 def newsbot_server(label: str, key: str, db_url: str, args: argparse.Namespace,
                    workdir: Path, root: Path | None = None) -> Iterator[Target]:
-    _common.prepare_database(db_url, workdir)
-    number = _common.seed_sample_issue(db_url)
+    if root is None:
+        _common.prepare_database(db_url, workdir)
+        number = _common.seed_sample_issue(db_url)
+    else:
+        number = _prepare_with(root, db_url, workdir)
     port = _common.free_port()
     config = _common.write_config(workdir / f"{key}.toml",
                                   _common.base_sections(db_url, port=port))
@@ -192,6 +195,20 @@ def _server_env(root: Path | None) -> dict[str, str]:
     if root is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(root.resolve()), env["PYTHONPATH"]])
     return env
+
+
+def _prepare_with(root: Path, db_url: str, workdir: Path) -> int:
+    """Schema and sample issue made by the code in ``root`` (its own migrations)."""
+    env = _server_env(root)
+    config = _common.write_config(workdir / f"schema-{secrets.token_hex(3)}.toml",
+                                  _common.base_sections(db_url))
+    subprocess.run([sys.executable, "-m", "bot.cli", "--config", str(config), "db", "upgrade"],
+                   env=env, check=True, capture_output=True, timeout=300)
+    env["PYTHONPATH"] += os.pathsep + str(Path(__file__).resolve().parent)
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys, _common; print(_common.seed_sample_issue(sys.argv[1]))",
+         db_url], env=env, check=True, capture_output=True, text=True, timeout=300)
+    return int(done.stdout.strip().splitlines()[-1])
 
 
 def _wait_ready(target: Target) -> None:
