@@ -198,16 +198,17 @@ def _server_env(root: Path | None) -> dict[str, str]:
 
 
 def _prepare_with(root: Path, db_url: str, workdir: Path) -> int:
-    """Schema and sample issue made by the code in ``root`` (its own migrations)."""
+    """Schema and sample issue made by the code in ``root`` (its own migrations). Run from
+    ``workdir``: ``python -m``/``-c`` put the current directory first on the path."""
     env = _server_env(root)
     config = _common.write_config(workdir / f"schema-{secrets.token_hex(3)}.toml",
                                   _common.base_sections(db_url))
     subprocess.run([sys.executable, "-m", "bot.cli", "--config", str(config), "db", "upgrade"],
-                   env=env, check=True, capture_output=True, timeout=300)
+                   env=env, cwd=workdir, check=True, capture_output=True, timeout=300)
     env["PYTHONPATH"] += os.pathsep + str(Path(__file__).resolve().parent)
     done = subprocess.run(
         [sys.executable, "-c", "import sys, _common; print(_common.seed_sample_issue(sys.argv[1]))",
-         db_url], env=env, check=True, capture_output=True, text=True, timeout=300)
+         db_url], env=env, cwd=workdir, check=True, capture_output=True, text=True, timeout=300)
     return int(done.stdout.strip().splitlines()[-1])
 
 
