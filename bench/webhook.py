@@ -14,6 +14,7 @@ WeChat sends them: newsbot refuses a signed (timestamp, nonce) reused with anoth
     python bench/webhook.py --quick              # a few seconds, for CI
     python bench/webhook.py --generator python   # force the pure-Python load generator
     python bench/webhook.py --baseline ../old    # rows b0/c0: another checkout, interleaved
+    python bench/webhook.py --baseline ../old --side-by-side   # both at once, b/b0 per round
 
 Targets: b/a ≥ 0.70 with b's p99 ≤ 10 ms at 16 connections; c/a ≥ 0.55.
 """
@@ -772,6 +773,49 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def side_by_side(args: argparse.Namespace) -> int:
+    """Both checkouts served and loaded at the same time: on a shared, busy machine the
+    sequential rounds of ``run`` drift with the other work; here both sides see the same."""
+    print(_common.machine_line(None))
+    half = max(1, args.connections // 2)
+    print(f"side by side on SQLite: this checkout (b) and {args.baseline} (b0), each gunicorn "
+          f"{args.workers} workers × {args.threads} threads, loaded at once with {half} "
+          f"connections each (pure-Python generator), warm-up {args.warmup:g} s, "
+          f"{args.duration:g} s measured")
+    ratios: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="newsbot-bench-") as tmp:
+        workdir = Path(tmp)
+        for rnd in range(1, args.rounds + 1):
+            with ExitStack() as stack:
+                targets = [stack.enter_context(newsbot_server(
+                    label, key, f"sqlite:///{workdir}/{key}-{secrets.token_hex(4)}.db", args,
+                    workdir, root=root)) for label, key, root in
+                    (("b0: baseline", "b0", Path(args.baseline)), ("b: this checkout", "b",
+                                                                    None))]
+                for target in targets:
+                    sanity_check(target)
+                results: dict[str, LoadResult] = {}
+
+                def load(target: Target, out: dict[str, LoadResult] = results) -> None:
+                    out[target.key] = python_load(
+                        target.port, "", warmup=args.warmup, seconds=args.duration,
+                        connections=half, procs=max(1, args.gen_procs // 2))
+
+                threads = [threading.Thread(target=load, args=(t,)) for t in targets]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+            b0, b = results["b0"], results["b"]
+            ratios.append(b.rps / b0.rps if b0.rps else 0.0)
+            print(f"round {rnd}: b0 {b0.rps:,.0f} req/s (p99 {b0.p99_ms:.1f} ms, errors "
+                  f"{b0.errors}), b {b.rps:,.0f} req/s (p99 {b.p99_ms:.1f} ms, errors "
+                  f"{b.errors}): b/b0 {ratios[-1]:.3f}", flush=True)
+    print(f"b/b0 = {statistics.median(ratios):.3f} (median of {len(ratios)} rounds; "
+          f"range {min(ratios):.3f}–{max(ratios):.3f})")
+    return 0
+
+
 def report(rows: list[Row], args: argparse.Namespace, generator: str, gen_desc: str) -> None:
     by = {r.key: r for r in rows}
     table = Table(["server", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors",
@@ -1221,6 +1265,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-sync", action="store_true",
                         help="also measure the echo robot on sync workers (platform notes §10)")
     parser.add_argument("--no-pg", action="store_true", help="skip PostgreSQL")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="with --baseline: serve both checkouts at once (SQLite) and load "
+                        "them together, half the connections each, so other work on the "
+                        "machine hits both alike; prints this checkout's req/s over the "
+                        "baseline's per round")
     parser.add_argument("--baseline", metavar="DIR",
                         help="also serve newsbot from another checkout (rows b0/c0, "
                         "interleaved with b/c in every round) for before/after figures")
@@ -1245,6 +1294,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.profile:
         return profile(args)
+    if args.side_by_side:
+        if not args.baseline:
+            parser.error("--side-by-side needs --baseline DIR")
+        return side_by_side(args)
     if args.quick:
         args.duration = min(args.duration, 1.0)
         args.warmup = min(args.warmup, 0.5)
