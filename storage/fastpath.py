@@ -1,11 +1,13 @@
 """The few statements nearly every chat message runs, on the DBAPI connection directly.
 
 A 本周 from a known reader needs two reads (which issue is current, and the reader's balance,
-unlock and notice for it) and one write (the delivery's claim with its reply). Through
+unlock and notice for it) and one write (the delivery's claim with its reply, and, while plain
+messages are accepted, its signed timestamp and nonce: see storage.replay). Through
 SQLAlchemy those cost ~240 µs per message on SQLite, most of it building execution contexts
 and transactions; on the driver they cost ~55 µs. On PostgreSQL each runs as its own
 autocommitted statement, so a message makes 3 round trips instead of 7 (BEGIN, statements,
-COMMIT/ROLLBACK for two transactions). Everything else in newsbot goes through SQLAlchemy.
+COMMIT/ROLLBACK for two transactions); the signed pair joins the claim's statement there (a
+CTE) and its transaction on SQLite. Everything else in newsbot goes through SQLAlchemy.
 
 Reads run on the engine's read-only twin (storage.db), which the database itself keeps from
 writing; the claim runs on the writer engine, queued on SQLite's write gate like any writer.

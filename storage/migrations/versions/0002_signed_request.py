@@ -19,8 +19,8 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    # Starts empty: pairs seen before the upgrade are older than the freshness window once
-    # the server is back, except for the few seconds of a restart (see docs/deploy.md).
+    # Starts empty: pairs accepted in the freshness window before the upgrade are not in it
+    # (docs/deploy.md, "Safe mode", says what that means for a restart).
     op.create_table(
         "signed_request",
         sa.Column("timestamp", sa.BigInteger(), nullable=False),
