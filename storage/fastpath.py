@@ -30,7 +30,7 @@ from storage import db as storage_db
 from storage.inbox import Claim
 from storage.issues import CURRENT_SQL, IssuePreview, preview_by_number
 from storage.models import InboundMessage
-from storage.replay import Replayed, Seal
+from storage.replay import SEAL_SQL, SEALED_BODY_SQL, Replayed, Seal
 from storage.subscribers import STANDING_SQL, Standing, standing_from_row, standing_params
 
 # The reads are the storage modules' own statements; the writes exist only here.
@@ -45,10 +45,8 @@ _STATEMENTS = {
     "notice": "INSERT INTO issue_notice (openid, issue_number, created_at)"
               " VALUES (:openid, :issue, :now) ON CONFLICT DO NOTHING RETURNING 1",
     # Replay protection (storage.replay): the signed pair with its message's hash.
-    "seal": "INSERT INTO signed_request (timestamp, nonce, body_sha256)"
-            " VALUES (:ts, :nonce, :body) ON CONFLICT DO NOTHING RETURNING 1",
-    "sealed_body": "SELECT body_sha256 FROM signed_request"
-                   " WHERE timestamp = :ts AND nonce = :nonce",
+    "seal": SEAL_SQL,
+    "sealed_body": SEALED_BODY_SQL,
 }
 # PostgreSQL: the pair and the claim in one autocommitted statement, one round trip. The claim
 # is only inserted if the pair was new; (pair new?, claimed?) tells the caller what happened.
