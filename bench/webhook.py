@@ -15,6 +15,7 @@ WeChat sends them: newsbot refuses a signed (timestamp, nonce) reused with anoth
     python bench/webhook.py --generator python   # force the pure-Python load generator
     python bench/webhook.py --baseline ../old    # rows b0/c0: another checkout, interleaved
     python bench/webhook.py --baseline ../old --side-by-side   # both at once, b/b0 per round
+    python bench/webhook.py --replay-cost --rounds 20   # the replay check on/off, in process
 
 Targets: b/a ≥ 0.70 with b's p99 ≤ 10 ms at 16 connections; c/a ≥ 0.55.
 """
@@ -773,6 +774,68 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def replay_cost(args: argparse.Namespace) -> int:
+    """What the replay check costs, measured in one process on one database: the webhook
+    answers blocks of signed 本周 requests with the check on and off in turn (ABBA order), so
+    other work on a shared machine falls on both alike. CPU is this process's (SQLite runs
+    in it; PostgreSQL's own work is not counted, its round trips are in the wall time)."""
+    import logging
+
+    import bottle
+
+    from bot.logs import setup_logging
+    from bot.settings import Settings
+    from bot.wechat.webhook import Webhook
+
+    blocks, size = (4, 100) if args.quick else (args.rounds, 500)
+    pg_admin, pg_note = _common.pg_admin_url(quick=args.quick)
+    if args.no_pg:
+        pg_admin, pg_note = None, "PostgreSQL skipped: --no-pg"
+    print(_common.machine_line(pg_admin))
+    print(f"in-process, one thread: {blocks} blocks of {size} signed 本周 requests from known "
+          "readers with the replay check on, as many with it off, interleaved")
+    if pg_note:
+        note(pg_note)
+    devnull = open(os.devnull, "w")  # noqa: SIM115 (closed below)
+    setup_logging("INFO", stream=devnull)
+    with tempfile.TemporaryDirectory(prefix="newsbot-replay-") as tmp:
+        workdir = Path(tmp)
+        dbs: list[tuple[str, Callable[[ExitStack], str]]] = [
+            ("SQLite", lambda st: f"sqlite:///{workdir}/replay.db")]
+        if pg_admin:
+            dbs.append(("PostgreSQL", lambda st: st.enter_context(
+                _common.temp_pg_database(pg_admin, prefix="newsbot_replay"))))
+        for name, make_url in dbs:
+            with ExitStack() as stack:
+                url = make_url(stack)
+                _common.prepare_database(url, workdir)
+                _common.seed_sample_issue(url)
+                from storage.db import make_engine
+
+                engine = make_engine(url)
+                app = bottle.Bottle()
+                hook = Webhook(Settings.model_validate(_common.base_sections(url)), engine)
+                hook.install(app)
+                _time_app(app, 200, USERS)  # every reader known: the fast path from here on
+                cpu: dict[bool, list[float]] = {True: [], False: []}
+                wall: dict[bool, list[float]] = {True: [], False: []}
+                for i in range(blocks):
+                    for on in ((True, False) if i % 2 else (False, True)):
+                        hook.remember_pairs = on
+                        wall[on].append(_time_app(app, size, 0, cpu[on]))
+                engine.dispose()
+            per_block = [a / b for a, b in zip(cpu[True], cpu[False], strict=True)]
+            med = statistics.median
+            print(f"{name}: check on {med(cpu[True]):,.0f} µs CPU / {med(wall[True]):,.0f} µs "
+                  f"wall per request, off {med(cpu[False]):,.0f} / {med(wall[False]):,.0f}: "
+                  f"CPU on/off {med(cpu[True]) / med(cpu[False]):.3f}, wall on/off "
+                  f"{med(wall[True]) / med(wall[False]):.3f} (per-block CPU ratio median "
+                  f"{med(per_block):.3f})")
+    logging.getLogger().handlers.clear()
+    devnull.close()
+    return 0
+
+
 def side_by_side(args: argparse.Namespace) -> int:
     """Both checkouts served and loaded at the same time: on a shared, busy machine the
     sequential rounds of ``run`` drift with the other work; here both sides see the same."""
@@ -1265,6 +1328,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-sync", action="store_true",
                         help="also measure the echo robot on sync workers (platform notes §10)")
     parser.add_argument("--no-pg", action="store_true", help="skip PostgreSQL")
+    parser.add_argument("--replay-cost", action="store_true",
+                        help="in process: the replay check on and off in interleaved blocks "
+                        "(--rounds blocks each), CPU and wall time per request")
     parser.add_argument("--side-by-side", action="store_true",
                         help="with --baseline: serve both checkouts at once (SQLite) and load "
                         "them together, half the connections each, so other work on the "
@@ -1294,6 +1360,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.profile:
         return profile(args)
+    if args.replay_cost:
+        return replay_cost(args)
     if args.side_by_side:
         if not args.baseline:
             parser.error("--side-by-side needs --baseline DIR")
