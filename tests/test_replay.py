@@ -5,7 +5,10 @@ real CLI. Two server processes on one database: tests/test_replay_multiprocess.p
 from __future__ import annotations
 
 import logging
+import os
 import re
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -311,3 +314,15 @@ def test_a_handler_that_always_fails_writes_nothing_on_any_retry(
     assert replies == [BUSY] * 3
     assert count(engine, InboundMessage) == 0
 
+
+
+def test_the_replay_cost_benchmark_runs() -> None:
+    """bench/webhook.py --replay-cost (the figure in docs/benchmarks.md) keeps working."""
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSBOT_")}
+    env["PYTHONPATH"] = str(root)
+    done = subprocess.run([sys.executable, str(root / "bench" / "webhook.py"), "--replay-cost",
+                           "--quick", "--no-pg"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SQLite: check on" in done.stdout and "CPU on/off" in done.stdout
