@@ -222,6 +222,16 @@ def test_old_pairs_are_purged(settings: Settings, engine: Engine) -> None:
         assert len(left) == 1 and "old10" not in left
 
 
+def test_a_url_whose_message_was_refused_cannot_carry_another(
+        http: httpx.Client, engine: Engine) -> None:
+    topup(engine, READER, 10)
+    url = Captured()
+    assert url.post(http, "<xml><FromUserName>broken").status_code == 400
+    forged = url.post(http, text_xml(OPERATOR, f"#topup {READER} 500 x", 91))
+    assert forged.status_code == 403
+    assert balance(engine, READER) == 10
+
+
 def test_an_overlong_nonce_is_refused(http: httpx.Client) -> None:
     url = Captured(nonce="n" * 200)
     assert url.post(http, text_xml(READER, "帮助", 1)).status_code == 400
@@ -295,6 +305,31 @@ def test_a_transient_failure_stores_nothing_and_the_retry_runs_the_handler(
         again = parse_reply(user.post_xml(xml).text)
     assert retry["content"] == "好了" == again["content"]
     assert len(calls) == 2 and balance(engine, READER) == 11
+
+
+def test_a_failed_deliverys_url_takes_its_own_retry_but_no_other_message(
+        settings: Settings, engine: Engine) -> None:
+    flaky = Router("flaky")
+    calls: list[int] = []
+
+    @flaky.command(r"flaky")
+    def _flaky(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Text:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("the database blinked")
+        return Text("好了")
+
+    topup(engine, READER, 10)
+    app = bottle.Bottle()
+    Webhook(settings, engine, routers=(flaky, *ROUTERS)).install(app)
+    with httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://t") as http:
+        url = Captured()
+        xml = text_xml(READER, "flaky", 6161)
+        assert parse_reply(url.post(http, xml).text)["content"] == BUSY
+        forged = url.post(http, text_xml(OPERATOR, f"#topup {READER} 500 x", 6162))
+        assert forged.status_code == 403
+        assert parse_reply(url.post(http, xml).text)["content"] == "好了"
+    assert balance(engine, READER) == 10
 
 
 def test_a_handler_that_always_fails_writes_nothing_on_any_retry(

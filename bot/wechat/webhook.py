@@ -336,8 +336,12 @@ class Webhook:
                                  "plain message in safe mode (accept_plain is off)")
             else:
                 body = self._read_body()
-            delivery = parse_delivery(body)
             seal = self._seal(query, body) if self.remember_pairs else None
+            try:
+                delivery = parse_delivery(body)
+            except BadRequest:
+                self._remember(seal)  # the URL is spent, even though its message was refused
+                raise
         except BadRequest as exc:
             return self._refuse(exc, req)
         req.msg_type = _log_type(delivery)
@@ -372,6 +376,19 @@ class Webhook:
         if len(nonce) > MAX_NONCE_CHARS or _CONTROL.search(nonce):
             raise BadRequest(400, "bad nonce")
         return Seal(int(query.get("timestamp", "")), nonce, hashlib.sha256(body).hexdigest())
+
+    def _remember(self, seal: Seal | None) -> None:
+        """Record the pair of a request answered without a stored claim (refused, or its
+        handler failed), so its URL cannot carry another message either; its own message may
+        still come again (WeChat's retry). Nothing to do if the pair is already known."""
+        if seal is None:
+            return
+        try:
+            run_in_transaction(self.engine, lambda s: replay.record(s, seal))
+        except Replayed:
+            pass
+        except Exception:
+            log.warning("recording a signed request failed", exc_info=True)
 
     def _purge_if_due(self) -> None:
         """Delete the pairs no accepted request can match any more, every PURGE_EVERY_S in one
@@ -415,6 +432,7 @@ class Webhook:
             # costs the reader one slow answer, not the message. A handler that fails every
             # time (a bug) fails each retry alike and still writes nothing.
             log.exception("handler failed id=%s key=%s", request_id, delivery.dedupe_key)
+            self._remember(seal)
             return Text(BUSY), "error"
 
     def _answer_reading(self, delivery: Delivery,
