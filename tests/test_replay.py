@@ -56,7 +56,11 @@ class Captured:
 
 
 def text_xml(openid: str, content: str, msg_id: int) -> str:
-    return WeChatUser(httpx.Client(), openid).text_xml(content, msg_id=msg_id)
+    """A text message as WeChat posts it (WeChatUser.text_xml without a client)."""
+    return (f"<xml><ToUserName><![CDATA[gh_test]]></ToUserName>"
+            f"<FromUserName><![CDATA[{openid}]]></FromUserName>"
+            f"<CreateTime>{int(time.time())}</CreateTime><MsgType><![CDATA[text]]></MsgType>"
+            f"<Content><![CDATA[{content}]]></Content><MsgId>{msg_id}</MsgId></xml>")
 
 
 def config_for(tmp_path: Path, engine: Engine) -> Path:

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 
 from bot.wechat.webhook import sign
 from storage.models import LedgerEntry, SignedRequest
-from tests.conftest import OPERATOR, TOKEN, WeChatUser, free_port, parse_reply
+from tests.conftest import OPERATOR, TOKEN, free_port, parse_reply
 from tests.test_multiprocess import (  # noqa: F401  (fixtures)
     cli_ok,
     database,
@@ -29,6 +29,7 @@ from tests.test_multiprocess import (  # noqa: F401  (fixtures)
     wait_healthy,
     write_config,
 )
+from tests.test_replay import text_xml
 
 READERS = [f"o_rp_reader_{i:02d}" for i in range(4)]
 RACES = 12
@@ -40,7 +41,7 @@ def signed_query() -> dict[str, str]:
 
 
 def xml(openid: str, content: str, msg_id: int) -> bytes:
-    return WeChatUser(httpx.Client(), openid).text_xml(content, msg_id=msg_id).encode()
+    return text_xml(openid, content, msg_id).encode()
 
 
 def post(http: httpx.Client, query: dict[str, str], body: bytes) -> httpx.Response:
