@@ -7,12 +7,15 @@ generator for every server:
   c       the same on PostgreSQL
 
 Every request is a signed text message with its own MsgId (and one of 1,000 openids), so
-newsbot's de-duplication claims a new row each time. The signature covers only the token,
-timestamp and nonce of the query string, so one signed query serves the whole run.
+newsbot's de-duplication claims a new row each time, and its own nonce and signature, as
+WeChat sends them: newsbot refuses a signed (timestamp, nonce) reused with another body.
 
     python bench/webhook.py                      # full size: 20 s per server, 16 connections
     python bench/webhook.py --quick              # a few seconds, for CI
     python bench/webhook.py --generator python   # force the pure-Python load generator
+    python bench/webhook.py --baseline ../old    # rows b0/c0: another checkout, interleaved
+    python bench/webhook.py --baseline ../old --side-by-side   # both at once, b/b0 per round
+    python bench/webhook.py --replay-cost --rounds 20   # the replay check on/off, in process
 
 Targets: b/a ≥ 0.70 with b's p99 ≤ 10 ms at 16 connections; c/a ≥ 0.55.
 """
@@ -20,6 +23,7 @@ Targets: b/a ≥ 0.70 with b's p99 ≤ 10 ms at 16 connections; c/a ≥ 0.55.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -62,12 +66,13 @@ def openid_for(n: int) -> str:
     return f"obench{n % USERS:022d}"
 
 
-def signed_target() -> str:
-    from bot.wechat.webhook import sign
-
-    ts = str(int(time.time()))
-    nonce = secrets.token_hex(5)
-    return f"{WEBHOOK_PATH}?signature={sign(TOKEN, ts, nonce)}&timestamp={ts}&nonce={nonce}"
+def signed_target(ts: int | None = None, nonce: str | None = None) -> str:
+    """A webhook path with a fresh signed query (WeChat's signature: SHA-1 of the sorted token,
+    timestamp and nonce; written out here so the generator needs nothing from newsbot)."""
+    stamp = str(int(time.time()) if ts is None else ts)
+    nonce = nonce or secrets.token_hex(5)
+    sig = hashlib.sha1("".join(sorted([TOKEN, stamp, nonce])).encode()).hexdigest()
+    return f"{WEBHOOK_PATH}?signature={sig}&timestamp={stamp}&nonce={nonce}"
 
 
 # =========================================================================== servers
@@ -154,9 +159,12 @@ def plain_server(kind: str, label: str, key: str, args: argparse.Namespace, work
 
 @contextmanager
 def newsbot_server(label: str, key: str, db_url: str, args: argparse.Namespace,
-                   workdir: Path) -> Iterator[Target]:
-    _common.prepare_database(db_url, workdir)
-    number = _common.seed_sample_issue(db_url)
+                   workdir: Path, root: Path | None = None) -> Iterator[Target]:
+    if root is None:
+        _common.prepare_database(db_url, workdir)
+        number = _common.seed_sample_issue(db_url)
+    else:
+        number = _prepare_with(root, db_url, workdir)
     port = _common.free_port()
     config = _common.write_config(workdir / f"{key}.toml",
                                   _common.base_sections(db_url, port=port))
@@ -165,7 +173,7 @@ def newsbot_server(label: str, key: str, db_url: str, args: argparse.Namespace,
         proc = subprocess.Popen(
             [sys.executable, "-m", "bot.cli", "serve", "--config", str(config),
              "--workers", str(args.workers), "--threads", str(args.threads)],
-            stdout=out, stderr=subprocess.STDOUT, env=child_env(), cwd=workdir)
+            stdout=out, stderr=subprocess.STDOUT, env=_server_env(root), cwd=workdir)
     from storage.db import make_engine, transaction
     from storage.issues import get_issue
 
@@ -181,6 +189,29 @@ def newsbot_server(label: str, key: str, db_url: str, args: argparse.Namespace,
         # Stopped (in-flight requests finished) before the inbox is counted.
         _common.stop_process(proc)
         target.checks = post_checks(target)
+
+
+def _server_env(root: Path | None) -> dict[str, str]:
+    """The server's environment: this checkout, or ``root`` (another checkout) first."""
+    env = child_env()
+    if root is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(root.resolve()), env["PYTHONPATH"]])
+    return env
+
+
+def _prepare_with(root: Path, db_url: str, workdir: Path) -> int:
+    """Schema and sample issue made by the code in ``root`` (its own migrations). Run from
+    ``workdir``: ``python -m``/``-c`` put the current directory first on the path."""
+    env = _server_env(root)
+    config = _common.write_config(workdir / f"schema-{secrets.token_hex(3)}.toml",
+                                  _common.base_sections(db_url))
+    subprocess.run([sys.executable, "-m", "bot.cli", "--config", str(config), "db", "upgrade"],
+                   env=env, cwd=workdir, check=True, capture_output=True, timeout=300)
+    env["PYTHONPATH"] += os.pathsep + str(Path(__file__).resolve().parent)
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys, _common; print(_common.seed_sample_issue(sys.argv[1]))",
+         db_url], env=env, cwd=workdir, check=True, capture_output=True, text=True, timeout=300)
+    return int(done.stdout.strip().splitlines()[-1])
 
 
 def _wait_ready(target: Target) -> None:
@@ -259,10 +290,18 @@ local users = @USERS@
 local now = "@TS@"
 local counter = 0
 local threads = 0
+local targets = {}
 
 function setup(thread)
   thread:set("tid", threads)
   threads = threads + 1
+end
+
+-- Lua has no SHA-1: each thread reads its own file of signed paths, one nonce per request.
+function init(args)
+  for line in io.lines(string.format("@TARGETS@-%d.txt", tid)) do
+    targets[#targets + 1] = line
+  end
 end
 
 function request()
@@ -270,7 +309,7 @@ function request()
   local n = base + tid * 1000000000 + counter
   local openid = string.format("obench%022d", (tid * 7919 + counter) % users)
   local body = string.format(template, openid, now, string.format("%.0f", n))
-  return wrk.format(nil, nil, nil, body)
+  return wrk.format(nil, targets[(counter - 1) % #targets + 1], nil, body)
 end
 
 function done(summary, latency, requests)
@@ -289,11 +328,21 @@ def _wrk_run(port: int, target: str, seconds: float, connections: int, msgid_bas
              workdir: Path) -> LoadResult:
     template = (BODY_TEMPLATE.replace("{openid}", "%s").replace("{ts}", "%s")
                 .replace("{msgid}", "%s"))
+    ts = int(time.time())
+    threads = max(1, min(2, connections))
+    # Enough signed paths per thread for ~16,000 req/s; past that they repeat, which only the
+    # hello and echo servers (that remember no nonces) would reach.
+    per_thread = max(1000, int(seconds * 16_000 / threads) + 1000)
+    salt = secrets.token_hex(3)
+    prefix = workdir / "targets"
+    for tid in range(threads):
+        lines = (signed_target(ts, f"{salt}{tid}x{i}") for i in range(per_thread))
+        Path(f"{prefix}-{tid}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     script = (_LUA.replace("@TEMPLATE@", template).replace("@BASE@", str(msgid_base))
-              .replace("@USERS@", str(USERS)).replace("@TS@", str(int(time.time()))))
+              .replace("@USERS@", str(USERS)).replace("@TS@", str(ts))
+              .replace("@TARGETS@", str(prefix)))
     path = workdir / "bench.lua"
     path.write_text(script, encoding="utf-8")
-    threads = max(1, min(2, connections))
     cmd = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(seconds))}s",
            "--timeout", "10s", "-s", str(path), f"http://127.0.0.1:{port}{target}"]
     cpu0 = _children_cpu()
@@ -335,9 +384,11 @@ def _connect(port: int) -> socket.socket:
 
 def _gen_worker(spec: GenSpec, cids: list[int], out: Any) -> None:
     """One generator process: closed loop, one request in flight per connection."""
-    head = (f"POST {spec.target} HTTP/1.1\r\nHost: 127.0.0.1:{spec.port}\r\n"
+    # Each request is signed afresh (its own nonce): a reused nonce would be refused.
+    head = (f" HTTP/1.1\r\nHost: 127.0.0.1:{spec.port}\r\n"
             "Content-Type: text/xml\r\nContent-Length: ").encode()
     ts = int(time.time())
+    salt = secrets.token_hex(3)
     template = BODY_TEMPLATE.replace("{ts}", str(ts))
     sel = selectors.DefaultSelector()
     latencies = array("d")
@@ -350,8 +401,10 @@ def _gen_worker(spec: GenSpec, cids: list[int], out: Any) -> None:
         n = spec.msgid_base + conn.cid * 1_000_000_000 + conn.count
         body = template.format(openid=openid_for(conn.cid * 7919 + conn.count),
                                msgid=n).encode()
+        target = signed_target(ts, f"{salt}{conn.cid}x{conn.count}").encode()
         conn.sent_at = now()
-        conn.sock.sendall(head + str(len(body)).encode() + b"\r\n\r\n" + body)
+        conn.sock.sendall(b"POST " + target + head + str(len(body)).encode() + b"\r\n\r\n"
+                          + body)
 
     def reopen(conn: _Conn) -> None:
         sel.unregister(conn.sock)
@@ -655,10 +708,11 @@ def run(args: argparse.Namespace) -> int:
     if args.no_pg:
         pg_admin, pg_note = None, "PostgreSQL skipped: --no-pg"
     print(_common.machine_line(pg_admin))
-    gen_desc = (f"wrk {min(2, args.connections)} threads + Lua (unique MsgId per request)"
+    gen_desc = (f"wrk {min(2, args.connections)} threads + Lua (unique MsgId and nonce per "
+                "request)"
                 if generator == "wrk" else
                 f"pure Python, {min(args.gen_procs, args.connections)} processes × raw "
-                "keep-alive sockets (unique MsgId per request)")
+                "keep-alive sockets (unique MsgId and nonce per request)")
     print(f"server: gunicorn, {args.workers} workers × {args.threads} threads (gthread, as "
           f"`newsbot serve` runs); newsbot log level info")
     print(f"load: {gen_desc}; {args.connections} connections; warm-up {args.warmup:g} s, "
@@ -680,9 +734,21 @@ def run(args: argparse.Namespace) -> int:
         plans.append(("a", lambda st: st.enter_context(plain_server(
             "echo", "a: WeRoBot echo", "a", args, workdir))))
         # A fresh database for every round (a file of its own; PostgreSQL: a new database).
+        if args.baseline:
+            plans.append(("b0", lambda st: st.enter_context(newsbot_server(
+                "b0: baseline 本周, SQLite", "b0",
+                f"sqlite:///{workdir}/bench-{secrets.token_hex(4)}.db", args, workdir,
+                root=Path(args.baseline)))))
         plans.append(("b", lambda st: st.enter_context(newsbot_server(
             "b: newsbot 本周, SQLite", "b",
             f"sqlite:///{workdir}/bench-{secrets.token_hex(4)}.db", args, workdir))))
+        if pg_admin and args.baseline:
+            def pg_baseline(st: ExitStack) -> Target:
+                url = st.enter_context(_common.temp_pg_database(pg_admin))
+                return st.enter_context(newsbot_server(
+                    "c0: baseline 本周, PostgreSQL", "c0", url, args, workdir,
+                    root=Path(args.baseline)))
+            plans.append(("c0", pg_baseline))
         if pg_admin:
             def pg_target(st: ExitStack) -> Target:
                 url = st.enter_context(_common.temp_pg_database(pg_admin))
@@ -705,6 +771,111 @@ def run(args: argparse.Namespace) -> int:
                 rows.append(row)
 
     report(rows, args, generator, gen_desc)
+    return 0
+
+
+def replay_cost(args: argparse.Namespace) -> int:
+    """What the replay check costs, measured in one process on one database: the webhook
+    answers blocks of signed 本周 requests with the check on and off in turn (ABBA order), so
+    other work on a shared machine falls on both alike. CPU is this process's (SQLite runs
+    in it; PostgreSQL's own work is not counted, its round trips are in the wall time)."""
+    import logging
+
+    import bottle
+
+    from bot.logs import setup_logging
+    from bot.settings import Settings
+    from bot.wechat.webhook import Webhook
+
+    blocks, size = (4, 100) if args.quick else (args.rounds, 500)
+    pg_admin, pg_note = _common.pg_admin_url(quick=args.quick)
+    if args.no_pg:
+        pg_admin, pg_note = None, "PostgreSQL skipped: --no-pg"
+    print(_common.machine_line(pg_admin))
+    print(f"in-process, one thread: {blocks} blocks of {size} signed 本周 requests from known "
+          "readers with the replay check on, as many with it off, interleaved")
+    if pg_note:
+        note(pg_note)
+    devnull = open(os.devnull, "w")  # noqa: SIM115 (closed below)
+    setup_logging("INFO", stream=devnull)
+    with tempfile.TemporaryDirectory(prefix="newsbot-replay-") as tmp:
+        workdir = Path(tmp)
+        dbs: list[tuple[str, Callable[[ExitStack], str]]] = [
+            ("SQLite", lambda st: f"sqlite:///{workdir}/replay.db")]
+        if pg_admin:
+            dbs.append(("PostgreSQL", lambda st: st.enter_context(
+                _common.temp_pg_database(pg_admin, prefix="newsbot_replay"))))
+        for name, make_url in dbs:
+            with ExitStack() as stack:
+                url = make_url(stack)
+                _common.prepare_database(url, workdir)
+                _common.seed_sample_issue(url)
+                from storage.db import make_engine
+
+                engine = make_engine(url)
+                app = bottle.Bottle()
+                hook = Webhook(Settings.model_validate(_common.base_sections(url)), engine)
+                hook.install(app)
+                _time_app(app, 200, USERS)  # every reader known: the fast path from here on
+                cpu: dict[bool, list[float]] = {True: [], False: []}
+                wall: dict[bool, list[float]] = {True: [], False: []}
+                for i in range(blocks):
+                    for on in ((True, False) if i % 2 else (False, True)):
+                        hook.remember_pairs = on
+                        wall[on].append(_time_app(app, size, 0, cpu[on]))
+                engine.dispose()
+            per_block = [a / b for a, b in zip(cpu[True], cpu[False], strict=True)]
+            med = statistics.median
+            print(f"{name}: check on {med(cpu[True]):,.0f} µs CPU / {med(wall[True]):,.0f} µs "
+                  f"wall per request, off {med(cpu[False]):,.0f} / {med(wall[False]):,.0f}: "
+                  f"CPU on/off {med(cpu[True]) / med(cpu[False]):.3f}, wall on/off "
+                  f"{med(wall[True]) / med(wall[False]):.3f} (per-block CPU ratio median "
+                  f"{med(per_block):.3f})")
+    logging.getLogger().handlers.clear()
+    devnull.close()
+    return 0
+
+
+def side_by_side(args: argparse.Namespace) -> int:
+    """Both checkouts served and loaded at the same time: on a shared, busy machine the
+    sequential rounds of ``run`` drift with the other work; here both sides see the same."""
+    print(_common.machine_line(None))
+    half = max(1, args.connections // 2)
+    print(f"side by side on SQLite: this checkout (b) and {args.baseline} (b0), each gunicorn "
+          f"{args.workers} workers × {args.threads} threads, loaded at once with {half} "
+          f"connections each (pure-Python generator), warm-up {args.warmup:g} s, "
+          f"{args.duration:g} s measured")
+    ratios: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="newsbot-bench-") as tmp:
+        workdir = Path(tmp)
+        for rnd in range(1, args.rounds + 1):
+            with ExitStack() as stack:
+                targets = [stack.enter_context(newsbot_server(
+                    label, key, f"sqlite:///{workdir}/{key}-{secrets.token_hex(4)}.db", args,
+                    workdir, root=root)) for label, key, root in
+                    (("b0: baseline", "b0", Path(args.baseline)), ("b: this checkout", "b",
+                                                                    None))]
+                for target in targets:
+                    sanity_check(target)
+                results: dict[str, LoadResult] = {}
+
+                def load(target: Target, out: dict[str, LoadResult] = results) -> None:
+                    out[target.key] = python_load(
+                        target.port, "", warmup=args.warmup, seconds=args.duration,
+                        connections=half, procs=max(1, args.gen_procs // 2))
+
+                threads = [threading.Thread(target=load, args=(t,)) for t in targets]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+            b0, b = results["b0"], results["b"]
+            ratios.append(b.rps / b0.rps if b0.rps else 0.0)
+            print(f"round {rnd}: b0 {b0.rps:,.0f} req/s (p99 {b0.p99_ms:.1f} ms, errors "
+                  f"{b0.errors}), b {b.rps:,.0f} req/s (p99 {b.p99_ms:.1f} ms, errors "
+                  f"{b.errors}): b/b0 {ratios[-1]:.3f}", flush=True)
+    print(f"b/b0 = {statistics.median(ratios):.3f} (median of {len(ratios)} rounds; "
+          f"range {min(ratios):.3f}–{max(ratios):.3f})")
     return 0
 
 
@@ -764,6 +935,7 @@ def report(rows: list[Row], args: argparse.Namespace, generator: str, gen_desc: 
     b_p99s: list[float] = []
     c_ratios: list[float] = []
     c_p99s: list[float] = []
+    versus: dict[str, list[float]] = {}  # this checkout against --baseline, per round
     for rnd in sorted({r.round for r in rows}):
         by = {r.key: r for r in rows if r.round == rnd}
         a = by.get("a")
@@ -778,6 +950,10 @@ def report(rows: list[Row], args: argparse.Namespace, generator: str, gen_desc: 
             c_ratios.append(c.load.rps / a.load.rps)
             c_p99s.append(c.load.p99_ms)
             parts.append(f"c/a {c_ratios[-1]:.2f}")
+        for new, old in (("b", "b0"), ("c", "c0")):
+            if new in by and old in by and by[old].load.rps:
+                versus.setdefault(new, []).append(by[new].load.rps / by[old].load.rps)
+                parts.append(f"{new}/{old} {versus[new][-1]:.2f}")
         if args.rounds > 1 and parts:
             print(f"round {rnd}: " + ", ".join(parts))
     of = " (medians over rounds)" if args.rounds > 1 else ""
@@ -797,6 +973,10 @@ def report(rows: list[Row], args: argparse.Namespace, generator: str, gen_desc: 
         summary["c_target_met"] = ok
     elif b_ratios:
         print("c/a = n/a (PostgreSQL skipped)")
+    for new, ratios in versus.items():
+        print(f"{new}/{new}0 = {statistics.median(ratios):.2f} (this checkout's req/s over "
+              f"--baseline's{of})")
+        summary[f"{new}_over_{new}0"] = statistics.median(ratios)
     if args.connections != 16:
         note("the targets are defined at 16 connections; this run used "
              f"{args.connections}")
@@ -922,15 +1102,19 @@ def _request_body(n: int, base: int) -> bytes:
                                 msgid=base + n).encode()
 
 
-def _time_app(app: Any, requests: int, warm: int) -> float:
-    """Mean wall µs per in-process request after a warm-up."""
-    target = signed_target()
+def _time_app(app: Any, requests: int, warm: int, cpu: list[float] | None = None) -> float:
+    """Mean wall µs per in-process request after a warm-up (and, into ``cpu``, this process's
+    CPU µs per request, which other work on a shared machine disturbs far less). The signed
+    paths are made beforehand, so neither figure includes signing them."""
     base = secrets.randbelow(10**6) * 10**9
+    targets = [signed_target() for _ in range(warm + requests)]
     for i in range(warm):
-        _wsgi_call(app, target, _request_body(i, base))
-    start = time.perf_counter()
+        _wsgi_call(app, targets[i], _request_body(i, base))
+    start, cpu0 = time.perf_counter(), time.process_time()
     for i in range(warm, warm + requests):
-        _wsgi_call(app, target, _request_body(i, base))
+        _wsgi_call(app, targets[i], _request_body(i, base))
+    if cpu is not None:
+        cpu.append((time.process_time() - cpu0) / requests * 1e6)
     return (time.perf_counter() - start) / requests * 1e6
 
 
@@ -955,7 +1139,8 @@ def _profile_newsbot(db_url: str, requests: int, workdir: Path) -> dict[str, Any
     # Every openid once first: a reader's first message creates the subscriber on the write
     # path; what is measured is the steady state of known readers.
     warm = max(USERS, requests // 5)
-    plain_us = _time_app(app, requests, warm)
+    cpu: list[float] = []
+    plain_us = _time_app(app, requests, warm, cpu)
 
     timer = _StageTimer()
     sql: dict[str, list[float]] = {}
@@ -986,8 +1171,8 @@ def _profile_newsbot(db_url: str, requests: int, workdir: Path) -> dict[str, Any
         engine.dispose()
         logging.getLogger().handlers.clear()
         devnull.close()
-    return {"plain_us": plain_us, "timed_us": timed_us, "timer": timer, "sql": sql,
-            "requests": requests}
+    return {"plain_us": plain_us, "plain_cpu_us": cpu[0], "timed_us": timed_us,
+            "timer": timer, "sql": sql, "requests": requests}
 
 
 def _floors(db_url: str, rounds: int) -> list[tuple[str, float]]:
@@ -1092,7 +1277,8 @@ def _print_profile(name: str, result: dict[str, Any], floors: list[tuple[str, fl
     n = result["requests"]
     total = result["timed_us"]
     print(f"\n== newsbot 本周 on {name}: {result['plain_us']:,.0f} µs/request "
-          f"({result['plain_us'] / echo_us:.1f}× the echo robot); {total:,.0f} µs with the "
+          f"({result['plain_us'] / echo_us:.1f}× the echo robot), "
+          f"{result['plain_cpu_us']:,.0f} µs CPU in this process; {total:,.0f} µs with the "
           "timers in")
     table = Table(["stage (nested)", "µs/req", "% of request", "calls/req"], [])
     for path in timer.order:
@@ -1142,6 +1328,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-sync", action="store_true",
                         help="also measure the echo robot on sync workers (platform notes §10)")
     parser.add_argument("--no-pg", action="store_true", help="skip PostgreSQL")
+    parser.add_argument("--replay-cost", action="store_true",
+                        help="in process: the replay check on and off in interleaved blocks "
+                        "(--rounds blocks each), CPU and wall time per request")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="with --baseline: serve both checkouts at once (SQLite) and load "
+                        "them together, half the connections each, so other work on the "
+                        "machine hits both alike; prints this checkout's req/s over the "
+                        "baseline's per round")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also serve newsbot from another checkout (rows b0/c0, "
+                        "interleaved with b/c in every round) for before/after figures")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--quiet-wait", type=float, default=120.0,
                         help="wait up to this many seconds for other load on the machine to "
@@ -1163,6 +1360,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.profile:
         return profile(args)
+    if args.replay_cost:
+        return replay_cost(args)
+    if args.side_by_side:
+        if not args.baseline:
+            parser.error("--side-by-side needs --baseline DIR")
+        return side_by_side(args)
     if args.quick:
         args.duration = min(args.duration, 1.0)
         args.warmup = min(args.warmup, 0.5)

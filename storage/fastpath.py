@@ -1,11 +1,13 @@
 """The few statements nearly every chat message runs, on the DBAPI connection directly.
 
 A 本周 from a known reader needs two reads (which issue is current, and the reader's balance,
-unlock and notice for it) and one write (the delivery's claim with its reply). Through
+unlock and notice for it) and one write (the delivery's claim with its reply, and, while plain
+messages are accepted, its signed timestamp and nonce: see storage.replay). Through
 SQLAlchemy those cost ~240 µs per message on SQLite, most of it building execution contexts
 and transactions; on the driver they cost ~55 µs. On PostgreSQL each runs as its own
 autocommitted statement, so a message makes 3 round trips instead of 7 (BEGIN, statements,
-COMMIT/ROLLBACK for two transactions). Everything else in newsbot goes through SQLAlchemy.
+COMMIT/ROLLBACK for two transactions); the signed pair joins the claim's statement there (a
+CTE) and its transaction on SQLite. Everything else in newsbot goes through SQLAlchemy.
 
 Reads run on the engine's read-only twin (storage.db), which the database itself keeps from
 writing; the claim runs on the writer engine, queued on SQLite's write gate like any writer.
@@ -28,6 +30,7 @@ from storage import db as storage_db
 from storage.inbox import Claim
 from storage.issues import CURRENT_SQL, IssuePreview, preview_by_number
 from storage.models import InboundMessage
+from storage.replay import SEAL_SQL, SEALED_BODY_SQL, Replayed, Seal
 from storage.subscribers import STANDING_SQL, Standing, standing_from_row, standing_params
 
 # The reads are the storage modules' own statements; the writes exist only here.
@@ -41,7 +44,21 @@ _STATEMENTS = {
     "stored_reply": "SELECT reply_json FROM inbound_message WHERE dedupe_key = :key",
     "notice": "INSERT INTO issue_notice (openid, issue_number, created_at)"
               " VALUES (:openid, :issue, :now) ON CONFLICT DO NOTHING RETURNING 1",
+    # Replay protection (storage.replay): the signed pair with its message's hash.
+    "seal": SEAL_SQL,
+    "sealed_body": SEALED_BODY_SQL,
 }
+# PostgreSQL: the pair and the claim in one autocommitted statement, one round trip. The claim
+# is only inserted if the pair was new; (pair new?, claimed?) tells the caller what happened.
+# A concurrent holder of the pair is waited for on its unique key, as with any INSERT.
+_PG_SEALED_CLAIM = (
+    "WITH seal AS (" + _STATEMENTS["seal"] + "),"
+    " claim AS (INSERT INTO inbound_message"
+    " (dedupe_key, openid, status, reply_json, created_at, finished_at)"
+    " SELECT :key, :openid, 'done', :reply, :now, :now WHERE EXISTS (SELECT 1 FROM seal)"
+    " ON CONFLICT DO NOTHING RETURNING 1)"
+    " SELECT EXISTS (SELECT 1 FROM seal), EXISTS (SELECT 1 FROM claim)"
+)
 _NAMED = re.compile(r":(\w+)")
 
 
@@ -58,6 +75,7 @@ class _Dialect:
 def _dialect(engine: Engine) -> _Dialect:
     if engine.dialect.name == "postgresql":  # psycopg: %(name)s
         sql = {k: _NAMED.sub(r"%(\1)s", v) for k, v in _STATEMENTS.items()}
+        sql["sealed_claim"] = _NAMED.sub(r"%(\1)s", _PG_SEALED_CLAIM)
     else:  # sqlite3 takes :name as it is
         sql = dict(_STATEMENTS)
     column_type = InboundMessage.__table__.c.created_at.type  # type: ignore[attr-defined]
@@ -91,24 +109,50 @@ class FastPath:
     # -- the write ---------------------------------------------------------------------------
 
     def store_reply(self, *, key: str, openid: str, reply_json: str, now: datetime,
-                    notice_issue: int | None = None) -> Claim:
-        """Claim the delivery with its reply (and record the new-issue notice, atomically with
-        it). ``done`` with the first reply when WeChat's retry finds the message answered;
-        NoticeTaken (nothing stored) when a concurrent message recorded the notice first."""
+                    notice_issue: int | None = None, seal: Seal | None = None) -> Claim:
+        """Claim the delivery with its reply (and record the new-issue notice and the signed
+        pair, atomically with it). ``done`` with the first reply when WeChat's retry finds the
+        message answered; NoticeTaken (nothing stored) when a concurrent message recorded the
+        notice first; Replayed (nothing stored) when the pair came with another message."""
         params = {"key": key, "openid": openid, "reply": reply_json,
                   "now": self._d.timestamp(now), "issue": notice_issue}
-        with storage_db.write_gate(self.engine), self._writer(atomic=notice_issue is not None) \
-                as cur:
+        if seal is not None:
+            params |= {"ts": seal.timestamp, "nonce": seal.nonce, "body": seal.body_sha256}
+        if seal is not None and notice_issue is None and self._postgres:
+            with self._writer(atomic=False) as cur:
+                cur.execute(self._d.sql["sealed_claim"], params)
+                new_pair, claimed = cur.fetchone()
+                if claimed:
+                    return Claim("new")
+                if new_pair:  # WeChat's retry under a new pair: the message was answered
+                    return self._stored(cur, params)
+                self._check_sealed(cur, params)  # an old pair: a retry, or refused
+            seal = None  # the same message again: claim it (or find its reply) as usual
+        atomic = notice_issue is not None or seal is not None
+        with storage_db.write_gate(self.engine), self._writer(atomic=atomic) as cur:
+            if seal is not None:
+                cur.execute(self._d.sql["seal"], params)
+                if cur.fetchone() is None:
+                    self._check_sealed(cur, params)
             cur.execute(self._d.sql["claim"], params)
             if cur.fetchone() is None:
-                cur.execute(self._d.sql["stored_reply"], params)
-                row = cur.fetchone()
-                return Claim("done", row[0] if row else None)
+                return self._stored(cur, params)
             if notice_issue is not None:
                 cur.execute(self._d.sql["notice"], params)
                 if cur.fetchone() is None:
                     raise NoticeTaken
             return Claim("new")
+
+    def _stored(self, cur: Any, params: dict[str, Any]) -> Claim:
+        cur.execute(self._d.sql["stored_reply"], params)
+        row = cur.fetchone()
+        return Claim("done", row[0] if row else None)
+
+    def _check_sealed(self, cur: Any, params: dict[str, Any]) -> None:
+        cur.execute(self._d.sql["sealed_body"], params)
+        row = cur.fetchone()
+        if row is None or row[0] != params["body"]:
+            raise Replayed
 
     @contextmanager
     def _writer(self, *, atomic: bool) -> Iterator[Any]:
@@ -136,7 +180,7 @@ class FastPath:
                 cur.close()
                 if self._postgres:
                     dbapi.autocommit = False  # as SQLAlchemy expects its pooled connections
-        except NoticeTaken:
+        except (NoticeTaken, Replayed):
             raise  # rolled back cleanly above: the connection is fine
         except BaseException as exc:
             _discard(self.engine, raw, exc)  # its state is unknown: never hand it on

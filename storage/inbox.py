@@ -42,8 +42,3 @@ def finish(session: Session, *, key: str, reply_json: str) -> None:
         .values(status="done", reply_json=reply_json, finished_at=utcnow())
     )
 
-
-def record(session: Session, *, key: str, openid: str, reply_json: str) -> None:
-    """Store a reply given outside the normal path (the error reply), unless one exists."""
-    if claim(session, key=key, openid=openid).state == "new":
-        finish(session, key=key, reply_json=reply_json)

@@ -129,6 +129,20 @@ class InboundMessage(SQLModel, table=True):
     finished_at: datetime | None = Field(default=None, sa_column=_ts(True))
 
 
+class SignedRequest(SQLModel, table=True):
+    """A (timestamp, nonce) pair WeChat signed, with a hash of the message it came with. The
+    plain-mode signature does not cover the body, so a captured URL could otherwise carry any
+    body while its timestamp is fresh: the pair is kept for that window (then purged) and only
+    ever accepted again with the same message, which is WeChat retrying."""
+
+    __tablename__ = "signed_request"
+
+    # The signed timestamp leads the key, so purging old pairs is a range delete on it.
+    timestamp: int = Field(primary_key=True, sa_type=BigInteger)
+    nonce: str = Field(primary_key=True, max_length=128)
+    body_sha256: str = Field(max_length=64)
+
+
 class AccessToken(SQLModel, table=True):
     """WeChat access tokens shared by every process through the database."""
 

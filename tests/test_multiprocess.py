@@ -504,7 +504,7 @@ def check_books(config: Path, url: str, outcomes: list[Outcome], prices: dict[in
         answered.setdefault(o.delivery.msg_id, o)
     charged_keys = set()
     for msg_id, o in answered.items():
-        key = f"wechat:{msg_id}"
+        key = f"wechat:{o.delivery.sender}:{msg_id}"
         entry = by_key.get(key)
         if not charged(o):
             assert entry is None, (o.delivery, o.reply, entry)

@@ -53,7 +53,7 @@ def test_a_known_readers_card_stores_its_reply_and_retries_get_the_first_reply(
         with transaction(engine) as s:
             status, stored = s.execute(text(
                 "SELECT status, reply_json FROM inbound_message WHERE dedupe_key = :k"),
-                {"k": "msg:777001"}).one()
+                {"k": f"msg:{READER}:777001"}).one()
         assert status == "done" and json.loads(stored)["content"] == first["content"]
         # The balance changes before WeChat retries: the retry still gets the first answer,
         # and stores nothing.

@@ -18,10 +18,10 @@ from sqlalchemy import Engine
 from bot.app import create_app
 from bot.logs import TEXT_FORMAT, JsonFormatter
 from bot.settings import Settings
+from bot.wechat import webhook
 from bot.wechat.webhook import MAX_BODY_BYTES, Webhook, sign
 from handlers import ROUTERS
 from handlers.router import Context, Incoming, Router, Text
-from storage import inbox
 from tests.conftest import TOKEN, WeChatUser, make_settings
 from tests.test_safe_mode import AES_KEY, APP_ID, SafeUser, werobot_encrypt
 
@@ -173,7 +173,9 @@ def test_unexpected_failure_still_gets_its_line(
     def database_down(*args: object, **kwargs: object) -> None:
         raise ConnectionError("database unreachable")
 
-    monkeypatch.setattr(inbox, "claim", database_down)
+    # A handler's failure is answered 系统繁忙 (tests/test_replay.py); what fails outside it,
+    # here rendering the reply, reaches Bottle's 500.
+    monkeypatch.setattr(webhook, "render_reply", database_down)
     transport = httpx.WSGITransport(app=create_app(settings, engine),
                                     raise_app_exceptions=False)  # see Bottle's own 500
     with httpx.Client(transport=transport, base_url="http://t") as c:

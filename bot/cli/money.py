@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo
 import typer
 from rich.table import Table
 from rich.text import Text
+from sqlmodel import Session
 
 from bot.cli.base import (
     MAX_ABS_AMOUNT,
@@ -158,10 +159,13 @@ def _credit(ctx: typer.Context, config: Path | None, *, kind: CreditKind, openid
     settings = _settings(ctx, config)
     unit = settings.tokens.name
     amount = _parse_amount(raw_amount, "AMOUNT" if kind == "topup" else "DELTA", unit)
-    key = key or f"cli:{uuid.uuid4()}"
+    given = key or None  # an empty --key means a generated one, as it always did
+    key = cli_key(given) if given is not None else f"{CLI_KEY_PREFIX}{uuid.uuid4()}"
     operator = operator or f"cli:{_os_user()}"
     try:
         with _database(settings) as engine, transaction(engine) as session:
+            if given is not None and legacy_key(session, given=given, key=key):
+                key = given
             result = ledger.credit(session, openid=openid, amount=amount, kind=kind, key=key,
                                    reason=reason, operator=operator,
                                    max_topup=settings.tokens.max_topup)
@@ -176,6 +180,32 @@ def _credit(ctx: typer.Context, config: Path | None, *, kind: CreditKind, openid
     except IdempotencyConflict as exc:
         _fail(f"{exc}; nothing written", 2)
     _report_credit(result, key=key, unit=unit, zone=_zone(settings))
+
+
+# The CLI's keys live in a namespace of their own, so no key given here can ever be the key of a
+# chat action (wechat:OPENID:MSGID) and block it, or find its result.
+CLI_KEY_PREFIX = "cli:"
+_MAX_KEY_CHARS = LedgerEntry.__table__.c.idempotency_key.type.length  # type: ignore[attr-defined]
+
+
+def cli_key(given: str) -> str:
+    """The stored key for ``--key``: ``X`` becomes ``cli:X``; a key the CLI printed (already
+    ``cli:…``) is itself, so it can be given back as it was printed."""
+    key = given if given.startswith(CLI_KEY_PREFIX) else CLI_KEY_PREFIX + given
+    if len(key) > _MAX_KEY_CHARS:
+        _fail(f"--key is too long (at most {_MAX_KEY_CHARS - len(CLI_KEY_PREFIX)} characters);"
+              " nothing written", 2)
+    return key
+
+
+def legacy_key(session: Session, *, given: str, key: str) -> bool:
+    """Whether ``--key X`` means the key ``X`` as stored by a CLI from before the namespace
+    (it stored keys as given): when ``cli:X`` is unused but ``X`` exists, so a retry of a
+    command from before the upgrade still answers with its first result instead of paying
+    again. (It may also find a chat action's old key; then it is refused as a different action
+    or reported as applied, as before, and nothing is written.)"""
+    return given != key and not ledger.key_used(session, key=key) and \
+        ledger.key_used(session, key=given)
 
 
 def _report_credit(result: LedgerResult, *, key: str, unit: str, zone: ZoneInfo) -> None:
@@ -196,8 +226,9 @@ def _report_credit(result: LedgerResult, *, key: str, unit: str, zone: ZoneInfo)
 _AMOUNT_CTX = {"ignore_unknown_options": True}
 ReasonOpt = Annotated[str, typer.Option("--reason", help="Why (kept in the ledger).",
                                         show_default=False)]
-KeyOpt = Annotated[str | None, typer.Option("--key", help="Idempotency key (default: a new "
-                                            "cli:<uuid>); re-use it to retry safely.")]
+KeyOpt = Annotated[str | None, typer.Option("--key", help="Idempotency key, stored as cli:KEY "
+                                            "(default: a new cli:<uuid>); re-use the printed "
+                                            "key to retry safely.")]
 OperatorOpt = Annotated[str | None, typer.Option("--operator", help="Who did it (default: "
                                                  "cli:$USER).")]
 
@@ -234,7 +265,8 @@ def adjust(
 
 @ledger_app.command("check")
 def ledger_check(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
-    """Every cached balance against the sum of its ledger entries."""
+    """Every cached balance against the sum of its ledger entries; every unlock against its
+    charge."""
     settings = _settings(ctx, config)
     with _database(settings) as engine, transaction(engine) as session:
         problems = ledger.check(session)
@@ -249,8 +281,9 @@ def ledger_check(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt 
                   markup=False)
     else:
         for p in problems:
-            err.print(f"{p.openid}: {p.problem} (cached {p.cached}, ledger {p.ledger})",
-                      style="red", markup=False, soft_wrap=True)
+            amounts = f" (cached {p.cached}, ledger {p.ledger})" if p.about_balance else ""
+            err.print(f"{p.openid}: {p.problem}{amounts}", style="red", markup=False,
+                      soft_wrap=True)
         err.print(f"ledger MISMATCH: {_plural(len(problems), 'problem')} across "
                   f"{_plural(users, 'user')}, {_plural(entries, 'entry', 'entries')}",
                   style="bold red", markup=False)

@@ -19,7 +19,26 @@ from bot.cli.base import (
     out,
 )
 from bot.logs import setup_logging
+from bot.settings import Settings
 from bot.wechat.crypto import safe_mode_problems
+
+
+def plain_mode_warning(settings: Settings) -> str | None:
+    """A warning when operator commands may arrive in plain messages, whose signature does not
+    cover the body: only 安全模式 authenticates what an operator's message says."""
+    wechat = settings.wechat
+    if not settings.operators.openids:
+        return None
+    if not wechat.encoding_aes_key:
+        why = "no [wechat] encoding_aes_key is set (plain mode)"
+    elif wechat.accept_plain:
+        why = "[wechat] accept_plain = true (compatible mode)"
+    else:
+        return None
+    return (f"warning: [operators] openids is set while plain messages are accepted: {why}. "
+            "A plain message's signature does not cover its text; replays are refused, but "
+            "the secure setting is 安全模式 with accept_plain = false (see docs/deploy.md, "
+            "\"Safe mode\").")
 
 
 @app.command()
@@ -53,6 +72,8 @@ def serve(
         for line in problems:
             err.print(line, style="red", markup=False, soft_wrap=True)
         _fail("refusing to start until these are set", 2)
+    if warning := plain_mode_warning(settings):
+        err.print(warning, style="yellow", markup=False, soft_wrap=True)
     setup_logging(log_level.value.upper(), settings.server.log_format)
     with _database(settings, set_up_empty=False):
         pass  # checks the schema revision; each worker opens its own engine after the fork

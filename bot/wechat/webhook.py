@@ -12,6 +12,7 @@ import hmac
 import json
 import logging
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -41,10 +42,11 @@ from handlers.router import (
     Text,
     normalize,
 )
-from storage import inbox, subscribers
+from storage import inbox, replay, subscribers
 from storage.db import read_only, run_in_transaction
 from storage.fastpath import FastPath, NoticeTaken
 from storage.models import utcnow
+from storage.replay import Replayed, Seal
 
 log = logging.getLogger("newsbot.webhook")
 
@@ -66,6 +68,9 @@ _ACCOUNT_ID = re.compile(r"[\x21-\x7e]{1,64}")
 # carries a menu's URL in VIEW events, up to 1,024 bytes).
 _SCALAR_FIELDS = {"ToUserName": 64, "FromUserName": 64, "CreateTime": 20, "MsgType": 32,
                   "Event": 64, "EventKey": 2048, "MsgId": 64, "MsgID": 64, "Content": None}
+# How often each process deletes the signed pairs that have left the freshness window: often
+# enough that each purge is a small range delete, not a pause.
+PURGE_EVERY_S = 2.0
 
 
 class BadRequest(Exception):
@@ -215,8 +220,10 @@ def parse_delivery(body: bytes) -> Delivery:
     event = fields.get("Event", "").lower()
     event_key = fields.get("EventKey", "") or ""
     msg_id = fields.get("MsgId") or fields.get("MsgID") or ""
+    # Every key carries the sender: a MsgId is only unique per user, and another user's MsgId
+    # must never find their stored reply (their balance and ledger) or their ledger key.
     if msg_type != "event" and msg_id:
-        dedupe = f"msg:{msg_id}"
+        dedupe = f"msg:{openid}:{msg_id}"
     else:
         dedupe = f"evt:{openid}:{create_time}:{event}:{event_key}"
         if msg_type != "event":  # a message without MsgId: fall back to its content
@@ -287,6 +294,13 @@ class Webhook:
         self.routers = routers
         self.crypto = crypto_from_settings(settings)
         self.fast = FastPath(engine)
+        # Whenever plain messages are accepted their signature leaves the body open, so every
+        # delivery's pair is recorded: encrypted ones too, because in compatible mode the
+        # plain `signature` of an encrypted delivery's URL is just as valid for a plain body.
+        # Safe mode alone needs none of it (msg_signature covers the ciphertext).
+        self.remember_pairs = self.crypto is None or settings.wechat.accept_plain
+        self._purge_lock = threading.Lock()
+        self._next_purge = 0.0
 
     def install(self, app: bottle.Bottle) -> None:
         path = self.settings.server.webhook_path
@@ -375,12 +389,23 @@ class Webhook:
                                  "plain message in safe mode (accept_plain is off)")
             else:
                 body = self._read_body()
-            delivery = parse_delivery(body)
+            seal = self._seal(query, body) if self.remember_pairs else None
+            try:
+                delivery = parse_delivery(body)
+            except BadRequest:
+                self._remember(seal)  # the URL is spent, even though its message was refused
+                raise
         except BadRequest as exc:
             return self._refuse(exc, req)
         req.msg_type = _log_type(delivery)
         try:
-            reply, outcome = self._reply_for(delivery, req.request_id)
+            try:
+                reply, outcome = self._reply_for(delivery, req.request_id, seal)
+            except Replayed:
+                return self._refuse(BadRequest(
+                    403, "replayed signature",
+                    "signed timestamp and nonce seen before with another message"), req)
+            self._purge_if_due()
             now = int(self.clock())
             xml = render_reply(reply, to_user=delivery.incoming.openid,
                                from_user=delivery.to_user, now=now)
@@ -397,11 +422,51 @@ class Webhook:
         req.emit(outcome, 200)
         return xml
 
-    def _reply_for(self, delivery: Delivery, request_id: str) -> tuple[Reply, str]:
+    def _seal(self, query: Any, body: bytes) -> Seal:
+        """The signed pair and the hash of the message it carries (for an encrypted delivery
+        the decrypted XML, so a retry WeChat encrypted afresh is still the same message)."""
+        nonce = str(query.get("nonce", ""))
+        if len(nonce) > MAX_NONCE_CHARS or _CONTROL.search(nonce):
+            raise BadRequest(400, "bad nonce")
+        return Seal(int(query.get("timestamp", "")), nonce, hashlib.sha256(body).hexdigest())
+
+    def _remember(self, seal: Seal | None) -> None:
+        """Record the pair of a request answered without a stored claim (refused, or its
+        handler failed), so its URL cannot carry another message either; its own message may
+        still come again (WeChat's retry). Nothing to do if the pair is already known."""
+        if seal is None:
+            return
         try:
-            answered = self._answer_reading(delivery)
+            run_in_transaction(self.engine, lambda s: replay.record(s, seal))
+        except Replayed:
+            pass
+        except Exception:
+            log.warning("recording a signed request failed", exc_info=True)
+
+    def _purge_if_due(self) -> None:
+        """Delete the pairs no accepted request can match any more, every PURGE_EVERY_S in one
+        thread of each process; a failure only means the next purge deletes more."""
+        now = self.clock()
+        if not self.remember_pairs or now < self._next_purge or \
+                not self._purge_lock.acquire(blocking=False):
+            return
+        try:
+            self._next_purge = now + PURGE_EVERY_S
+            before = replay.cutoff(now, self.settings.server.max_clock_skew_s)
+            run_in_transaction(self.engine, lambda s: replay.purge(s, before=before))
+        except Exception:
+            log.warning("purging old signed requests failed", exc_info=True)
+        finally:
+            self._purge_lock.release()
+
+    def _reply_for(self, delivery: Delivery, request_id: str,
+                   seal: Seal | None = None) -> tuple[Reply, str]:
+        try:
+            answered = self._answer_reading(delivery, seal)
         except (NeedsWrite, NoticeTaken):
             answered = None
+        except Replayed:
+            raise
         except Exception:
             # E.g. a write attempted by a handler marked @reads_only (the session refuses it).
             # The write path below answers correctly and reports real failures itself.
@@ -411,16 +476,20 @@ class Webhook:
         if answered is not None:
             return answered
         try:
-            return run_in_transaction(self.engine, lambda s: self._handle(s, delivery))
+            return run_in_transaction(self.engine, lambda s: self._handle(s, delivery, seal))
+        except Replayed:
+            raise
         except Exception:
+            # Nothing is stored (the transaction rolled back): WeChat's retry of this message
+            # runs the handler again instead of finding 系统繁忙, so a blink of the database
+            # costs the reader one slow answer, not the message. A handler that fails every
+            # time (a bug) fails each retry alike and still writes nothing.
             log.exception("handler failed id=%s key=%s", request_id, delivery.dedupe_key)
-            busy = Text(BUSY)
-            run_in_transaction(self.engine, lambda s: inbox.record(
-                s, key=delivery.dedupe_key, openid=delivery.incoming.openid,
-                reply_json=reply_to_json(busy)))
-            return busy, "error"
+            self._remember(seal)
+            return Text(BUSY), "error"
 
-    def _answer_reading(self, delivery: Delivery) -> tuple[Reply, str] | None:
+    def _answer_reading(self, delivery: Delivery,
+                        seal: Seal | None = None) -> tuple[Reply, str] | None:
         """The fast path for messages whose handler only reads (本周, 余额, 试读, 帮助 …): the
         reply is computed from read-only connections, which on SQLite take no write lock,
         then the claim and the reply are stored with one INSERT (storage.fastpath), so a
@@ -443,17 +512,20 @@ class Webhook:
                 ctx.close()
         claim = self.fast.store_reply(key=delivery.dedupe_key, openid=msg.openid,
                                       reply_json=reply_to_json(reply), now=ctx.now,
-                                      notice_issue=ctx.deferred_notice)
+                                      notice_issue=ctx.deferred_notice, seal=seal)
         if claim.state == "done":  # WeChat's retry of a message answered before
             return reply_from_json(claim.reply_json), "duplicate"
         return reply, "ok"
 
-    def _handle(self, session: Session, delivery: Delivery) -> tuple[Reply, str]:
-        """Claim, side effects and the stored reply in one transaction, so a crash leaves none
-        of them. A concurrent delivery of the same message waits on the claim's unique key
-        until this commits (PostgreSQL row lock, SQLite write lock) and then finds the reply:
-        the handler never runs twice and every delivery gets the same answer."""
+    def _handle(self, session: Session, delivery: Delivery,
+                seal: Seal | None = None) -> tuple[Reply, str]:
+        """Signed pair, claim, side effects and the stored reply in one transaction, so a crash
+        leaves none of them. A concurrent delivery of the same message waits on the claim's
+        unique key until this commits (PostgreSQL row lock, SQLite write lock) and then finds
+        the reply: the handler never runs twice and every delivery gets the same answer."""
         msg = delivery.incoming
+        if seal is not None:
+            replay.record(session, seal)  # Replayed rolls the transaction back
         claim = inbox.claim(session, key=delivery.dedupe_key, openid=msg.openid)
         if claim.state == "done":
             return reply_from_json(claim.reply_json), "duplicate"
