@@ -116,7 +116,8 @@ class NewsbotServer(BaseApplication):  # type: ignore[misc]
         return {
             "bind": [f"{opts.host}:{opts.port}"],
             "workers": opts.workers,
-            "worker_class": NewsbotWorker,
+            # As a dotted path: gunicorn < 27 only logs a worker class given as a string.
+            "worker_class": f"{NewsbotWorker.__module__}.{NewsbotWorker.__qualname__}",
             "threads": opts.threads,
             "worker_connections": MAX_CONNECTIONS_PER_WORKER,
             "keepalive": KEEPALIVE_S,

@@ -109,8 +109,15 @@ class Conn:
     closed: bool = False
 
 
+_date_cache: tuple[int, bytes] = (0, b"")
+
+
 def _http_date(now: float) -> bytes:
-    return email.utils.formatdate(now, usegmt=True).encode("ascii")
+    global _date_cache
+    second = int(now)
+    if _date_cache[0] != second:
+        _date_cache = (second, email.utils.formatdate(second, usegmt=True).encode("ascii"))
+    return _date_cache[1]
 
 
 def _log_path(request: h11.Request | None) -> str:
@@ -120,6 +127,12 @@ def _log_path(request: h11.Request | None) -> str:
         return "-"
     path = request.target.partition(b"?")[0].decode("latin-1")
     return _PATH_UNSAFE.sub("?", path)[:80] or "-"
+
+
+def _log_method(request: h11.Request | None) -> str:
+    if request is None:
+        return "-"
+    return _PATH_UNSAFE.sub("?", request.method.decode("latin-1"))[:16]
 
 
 class BufferingWorker(Worker):  # type: ignore[misc]
@@ -177,12 +190,13 @@ class BufferingWorker(Worker):  # type: ignore[misc]
             listener.setblocking(False)
         self._set_accepting(True)
         last_sweep = last_summary = time.monotonic()
+        self.notify()
         while self.alive:
-            self.notify()
             self._turn(SWEEP_INTERVAL_S)
             now = time.monotonic()
             if now - last_sweep >= SWEEP_INTERVAL_S:
                 last_sweep = now
+                self.notify()  # the arbiter's heartbeat: this loop is alive
                 self._sweep(now)
                 if self.ppid != os.getppid():
                     log.info("parent changed, shutting down")
@@ -213,10 +227,10 @@ class BufferingWorker(Worker):  # type: ignore[misc]
         self._finish_done()
 
     def _stop_gracefully(self) -> None:
-        """SIGTERM: take no new connections and close idle ones; a request still being sent
-        gets STOP_READ_GRACE_S to arrive (so slow clients cannot hold up a stop), and requests
-        already running finish and are answered (with Connection: close) within
-        graceful_timeout."""
+        """SIGTERM: take no new connections. A request still being sent, or about to be sent
+        on a kept-alive connection, gets STOP_READ_GRACE_S to arrive (so slow clients cannot
+        hold up a stop); requests already complete run and are answered (with Connection:
+        close) within graceful_timeout."""
         self.stopping = True
         self._set_accepting(False)
         for listener in self.sockets:
@@ -228,9 +242,8 @@ class BufferingWorker(Worker):  # type: ignore[misc]
             self.notify()
             now = time.monotonic()
             for conn in list(self.conns.values()):
-                if (conn.phase in (Phase.IDLE, Phase.LINGER)
-                        or (conn.phase is Phase.HEAD and not conn.got_bytes)
-                        or (conn.phase in READABLE and now >= reading_until)):
+                if conn.phase is Phase.LINGER or (conn.phase in READABLE
+                                                  and now >= reading_until):
                     self._close(conn)
             if not self.conns:
                 break
@@ -270,10 +283,12 @@ class BufferingWorker(Worker):  # type: ignore[misc]
                 raise
             sock.setblocking(False)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             full = len(self.conns) >= self.max_connections and not self._evict_oldest()
             now = time.monotonic()
-            conn = Conn(sock=sock, client=Peer.of(address), server=Peer.of(sock.getsockname()),
+            conn = Conn(sock=sock, client=Peer.of(address),
+                        server=Peer.of(listener.getsockname()),
                         http=h11.Connection(h11.SERVER,
                                            max_incomplete_event_size=self.max_header_bytes),
                         phase=Phase.HEAD, since=now, deadline=now + self.header_timeout_s)
@@ -396,11 +411,11 @@ class BufferingWorker(Worker):  # type: ignore[misc]
             app: WSGIApp = self.wsgi
             result = call_app(app, environ)
         except AppError as exc:
-            log.error("application error %s %s: %s", environ["REQUEST_METHOD"],
+            log.error("application error %s %s: %s", _log_method(conn.request),
                       _log_path(conn.request), exc)
             result = None
         except Exception:
-            log.exception("application error %s %s", environ["REQUEST_METHOD"],
+            log.exception("application error %s %s", _log_method(conn.request),
                           _log_path(conn.request))
             result = None
         self.done.put((conn, result))
@@ -427,7 +442,7 @@ class BufferingWorker(Worker):  # type: ignore[misc]
         request = conn.request
         assert request is not None
         now = time.time()
-        closing = self.stopping or not self.alive
+        closing = self.stopping or not self.alive or self.keepalive_s <= 0
         if result is None:
             self._refuse(conn, 500, "", log_line=False)
             return
@@ -448,7 +463,7 @@ class BufferingWorker(Worker):  # type: ignore[misc]
                                     reason=result.reason)
         except h11.LocalProtocolError:
             log.error("application error %s %s: a response header cannot be sent",
-                      request.method.decode("ascii"), _log_path(request))
+                      _log_method(request), _log_path(request))
             self._refuse(conn, 500, "", log_line=False)
             return
         try:
@@ -457,7 +472,7 @@ class BufferingWorker(Worker):  # type: ignore[misc]
                 out += conn.http.send(h11.Data(data=result.body)) or b""
             out += conn.http.send(h11.EndOfMessage()) or b""
         except h11.LocalProtocolError:
-            log.exception("cannot frame the response to %s %s", request.method.decode("ascii"),
+            log.exception("cannot frame the response to %s %s", _log_method(request),
                           _log_path(request))
             self._close(conn)
             return
@@ -471,8 +486,7 @@ class BufferingWorker(Worker):  # type: ignore[misc]
     def _refuse(self, conn: Conn, status: int, reason: str, *, log_line: bool = True) -> None:
         """A fixed text response and a lingering close. Nothing of the request is echoed."""
         if log_line:
-            method = conn.request.method.decode("ascii") if conn.request else "-"
-            path = _log_path(conn.request)
+            method, path = _log_method(conn.request), _log_path(conn.request)
             log.warning('http refused status=%d reason="%s" method=%s path=%s', status, reason,
                         method, path, extra={"fields": {
                             "status": status, "reason": reason, "method": method,
