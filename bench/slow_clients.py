@@ -24,6 +24,7 @@ import contextlib
 import json
 import secrets
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -329,6 +330,63 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def throughput(args: argparse.Namespace) -> int:
+    """``--throughput N``: what buffering costs when nobody attacks. The webhook benchmark's
+    load (bench/webhook.py: 16 keep-alive connections of signed 本周, a unique MsgId each) on
+    both workers, N interleaved rounds, a fresh database each."""
+    import shutil
+
+    import webhook
+
+    print(_common.machine_line())
+    generator = "wrk" if shutil.which("wrk") else "python"
+    print(f"throughput: `newsbot serve` app, {args.workers} workers × {args.threads} threads, "
+          f"SQLite; {generator}, 16 connections, {args.duration:g} s after a 3 s warm-up; "
+          f"{args.throughput} rounds, the workers interleaved")
+    rows: list[list[str]] = []
+    rates: dict[str, list[float]] = {w: [] for w in args.worker}
+    cpus: dict[str, list[float]] = {w: [] for w in args.worker}
+    with tempfile.TemporaryDirectory(prefix="newsbot-slow-") as tmp:
+        workdir = Path(tmp)
+        for rnd in range(1, args.throughput + 1):
+            for worker in args.worker:
+                db_url = f"sqlite:///{workdir}/tp-{worker}-{rnd}.db"
+                _common.prepare_database(db_url, workdir)
+                _common.seed_sample_issue(db_url)
+                with server(worker, db_url, workdir, args.workers, args.threads) as (
+                        port, proc, _log):
+                    _common.wait_until_quiet(args.quiet_wait)
+                    target = webhook.signed_target()
+                    base = secrets.randbelow(10**6) * 10**9
+                    if generator == "wrk":
+                        webhook._wrk_run(port, target, 3, 16, base + 5 * 10**14, workdir)
+                        cpu0 = _common.process_tree_cpu(proc.pid)
+                        load = webhook._wrk_run(port, target, args.duration, 16, base, workdir)
+                        cpu = _common.process_tree_cpu(proc.pid) - cpu0
+                    else:
+                        cpu0 = _common.process_tree_cpu(proc.pid)
+                        load = webhook.python_load(port, target, warmup=3,
+                                                   seconds=args.duration, connections=16,
+                                                   procs=2)
+                        cpu = (_common.process_tree_cpu(proc.pid) - cpu0) * (
+                            args.duration / (args.duration + 3.5))
+                per_req = cpu / load.requests * 1e6 if load.requests else 0.0
+                rates[worker].append(load.rps)
+                cpus[worker].append(per_req)
+                rows.append([WORKERS[worker], str(rnd), f"{load.rps:,.0f}",
+                             f"{load.p50_ms:.2f}", f"{load.p99_ms:.2f}", f"{per_req:,.0f}",
+                             str(load.errors)])
+    table = Table(["worker", "round", "req/s", "p50 ms", "p99 ms", "server CPU µs/req",
+                   "errors"], rows)
+    print()
+    print(table.render())
+    print()
+    for worker in args.worker:
+        print(f"median {worker}: {statistics.median(rates[worker]):,.0f} req/s, "
+              f"{statistics.median(cpus[worker]):,.0f} µs server CPU per request")
+    return 0
+
+
 def sample_title() -> str:
     from storage.content import parse_issue_file
 
@@ -353,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="tiny run for CI: 2 × 2 server, 10× only, 2 s per row")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--throughput", type=int, default=0, metavar="ROUNDS",
+                        help="instead: the webhook benchmark's load on both workers, no "
+                        "attack, ROUNDS interleaved rounds (what buffering costs)")
     parser.add_argument("--quiet-wait", type=float, default=120.0,
                         help="wait up to this many seconds for other load on the machine to "
                         "stop before each row (default 120; 0 with --quick)")
@@ -371,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         args.duration = min(args.duration, 2.0)
         args.quiet_wait = 0.0
     args.multiples = [int(m) if float(m).is_integer() else m for m in args.multiples]
+    if args.throughput:
+        return throughput(args)
     return run(args)
 
 

@@ -146,7 +146,7 @@ class BufferingWorker(Worker):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         self.alive: bool = True
         self.conns: dict[int, Conn] = {}
-        self.done: SimpleQueue[tuple[Conn, AppResponse | None]] = SimpleQueue()
+        self.done: SimpleQueue[tuple[Conn, bytes | None]] = SimpleQueue()
         self.stats: Counter[str] = Counter()
         self.accepting = False
         self.stopping = False
@@ -405,22 +405,37 @@ class BufferingWorker(Worker):  # type: ignore[misc]
         self.pool.submit(self._run_app, conn, environ)
 
     def _run_app(self, conn: Conn, environ: dict[str, Any]) -> None:
-        """In a pool thread. The loop does not touch ``conn`` until the result is queued."""
-        result: AppResponse | None
+        """In a pool thread, which owns ``conn`` until it queues it back: runs the app, frames
+        the response and sends what the socket takes at once (usually all of it), so the reply
+        does not wait for the loop; the loop then sends any rest and reads the next request."""
+        rest: bytes | None = None  # None: close the connection
         try:
-            app: WSGIApp = self.wsgi
-            result = call_app(app, environ)
-        except AppError as exc:
-            log.error("application error %s %s: %s", _log_method(conn.request),
-                      _log_path(conn.request), exc)
-            result = None
+            result: AppResponse | None
+            try:
+                app: WSGIApp = self.wsgi
+                result = call_app(app, environ)
+            except AppError as exc:
+                log.error("application error %s %s: %s", _log_method(conn.request),
+                          _log_path(conn.request), exc)
+                result = None
+            except Exception:
+                log.exception("application error %s %s", _log_method(conn.request),
+                              _log_path(conn.request))
+                result = None
+            rest = self._frame_response(conn, result)
+            if rest is not None and not conn.closed:
+                with contextlib.suppress(BlockingIOError, InterruptedError):
+                    rest = rest[conn.sock.send(rest):]
+        except OSError:  # the client has gone
+            rest = None
         except Exception:
-            log.exception("application error %s %s", _log_method(conn.request),
+            log.exception("cannot answer %s %s", _log_method(conn.request),
                           _log_path(conn.request))
-            result = None
-        self.done.put((conn, result))
-        with contextlib.suppress(OSError):  # a full pipe: the loop is awake anyway
-            os.write(self.PIPE[1], b".")
+            rest = None
+        finally:  # whatever happened, the loop gets the connection back
+            self.done.put((conn, rest))
+            with contextlib.suppress(OSError):  # a full pipe: the loop is awake anyway
+                os.write(self.PIPE[1], b".")
 
     def _drain_wakeups(self) -> None:
         try:
@@ -432,20 +447,27 @@ class BufferingWorker(Worker):  # type: ignore[misc]
     def _finish_done(self) -> None:
         while True:
             try:
-                conn, result = self.done.get_nowait()
+                conn, rest = self.done.get_nowait()
             except Empty:
                 return
-            if not conn.closed:
-                self._respond(conn, result)
+            if conn.closed:
+                continue
+            if rest is None:
+                self._close(conn)
+                continue
+            conn.outbox += rest
+            conn.close_after_send = conn.http.our_state is not h11.DONE
+            self._enter(conn, Phase.SEND, self.write_timeout_s)
+            self._flush(conn)
 
-    def _respond(self, conn: Conn, result: AppResponse | None) -> None:
+    def _frame_response(self, conn: Conn, result: AppResponse | None) -> bytes | None:
+        """The response's bytes (h11 frames them), a fixed 500 when the app failed, or None
+        when nothing can be sent. Touches only ``conn.http``, so a pool thread may call it."""
         request = conn.request
         assert request is not None
-        now = time.time()
-        closing = self.stopping or not self.alive or self.keepalive_s <= 0
         if result is None:
-            self._refuse(conn, 500, "", log_line=False)
-            return
+            return self._frame_error(conn, 500)
+        closing = self.stopping or not self.alive or self.keepalive_s <= 0
         headers = [(k, v) for k, v in result.headers
                    if k.lower() not in (b"content-length", b"transfer-encoding", b"connection")]
         length = str(len(result.body)).encode()
@@ -455,7 +477,7 @@ class BufferingWorker(Worker):  # type: ignore[misc]
         if result.status not in (204, 304):
             headers.append((b"Content-Length", length))
         if not any(k.lower() == b"date" for k, _ in headers):
-            headers.append((b"Date", _http_date(now)))
+            headers.append((b"Date", _http_date(time.time())))
         if closing:
             headers.append((b"Connection", b"close"))
         try:
@@ -464,8 +486,7 @@ class BufferingWorker(Worker):  # type: ignore[misc]
         except h11.LocalProtocolError:
             log.error("application error %s %s: a response header cannot be sent",
                       _log_method(request), _log_path(request))
-            self._refuse(conn, 500, "", log_line=False)
-            return
+            return self._frame_error(conn, 500)
         try:
             out = conn.http.send(response) or b""
             if result.body and request.method != b"HEAD" and result.status not in (204, 304):
@@ -474,23 +495,11 @@ class BufferingWorker(Worker):  # type: ignore[misc]
         except h11.LocalProtocolError:
             log.exception("cannot frame the response to %s %s", _log_method(request),
                           _log_path(request))
-            self._close(conn)
-            return
-        conn.outbox += out
-        conn.close_after_send = conn.http.our_state is not h11.DONE
-        self._enter(conn, Phase.SEND, self.write_timeout_s)
-        self._flush(conn)
+            return None
+        return out
 
-    # ------------------------------------------------------------------ writing
-
-    def _refuse(self, conn: Conn, status: int, reason: str, *, log_line: bool = True) -> None:
-        """A fixed text response and a lingering close. Nothing of the request is echoed."""
-        if log_line:
-            method, path = _log_method(conn.request), _log_path(conn.request)
-            log.warning('http refused status=%d reason="%s" method=%s path=%s', status, reason,
-                        method, path, extra={"fields": {
-                            "status": status, "reason": reason, "method": method,
-                            "path": path}})
+    def _frame_error(self, conn: Conn, status: int) -> bytes | None:
+        """A fixed text response that closes the connection; echoes nothing of the request."""
         phrase = HTTPStatus(status).phrase
         text = f"{phrase.lower()}\n".encode()
         try:
@@ -502,6 +511,21 @@ class BufferingWorker(Worker):  # type: ignore[misc]
             out += conn.http.send(h11.Data(data=text)) or b""
             out += conn.http.send(h11.EndOfMessage()) or b""
         except h11.LocalProtocolError:  # a response already started: nothing sane to add
+            return None
+        return out
+
+    # ------------------------------------------------------------------ writing
+
+    def _refuse(self, conn: Conn, status: int, reason: str, *, log_line: bool = True) -> None:
+        """Answer with a fixed error text (``_frame_error``) and close after it, lingering."""
+        if log_line:
+            method, path = _log_method(conn.request), _log_path(conn.request)
+            log.warning('http refused status=%d reason="%s" method=%s path=%s', status, reason,
+                        method, path, extra={"fields": {
+                            "status": status, "reason": reason, "method": method,
+                            "path": path}})
+        out = self._frame_error(conn, status)
+        if out is None:
             self._close(conn)
             return
         conn.outbox += out
