@@ -495,6 +495,23 @@ def test_keep_alive_and_pipelined_requests_are_answered_in_order(
                 assert SAMPLE_TITLE in user.send("本周")["content"]
 
 
+def test_expect_100_continue_gets_its_interim_answer_before_the_body(
+        tmp_path: Path, db_url: str, sample: int) -> None:
+    with serving(tmp_path, db_url) as [server], httpx.Client() as http:
+        body = WeChatUser(http, "o_continue_reader").text_xml("本周").encode()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(b"POST /wechat?" + signed_query().encode() + b" HTTP/1.1\r\n"
+                         b"Host: 127.0.0.1\r\nContent-Type: text/xml\r\nExpect: 100-continue\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body))
+            assert sock.recv(100).startswith(b"HTTP/1.1 100 ")
+            sock.sendall(body)
+            sock.shutdown(socket.SHUT_WR)
+            answer = read_all(sock, timeout=5.0)
+        head, _, text = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 "), answer[:300]
+        assert SAMPLE_TITLE in parse_reply(text.decode())["content"]
+
+
 def test_bench_slow_clients_quick() -> None:
     env = child_env()
     done = subprocess.run([sys.executable, str(ROOT / "bench/slow_clients.py"), "--quick",

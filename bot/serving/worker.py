@@ -402,12 +402,14 @@ class BufferingWorker(Worker):  # type: ignore[misc]
         if self.nr >= self.max_requests and self.alive:
             log.info("max_requests reached: restarting this worker after its requests")
             self.alive = False
-        self.pool.submit(self._run_app, conn, environ)
+        self.pool.submit(self._run_app, conn, environ, not conn.outbox)
 
-    def _run_app(self, conn: Conn, environ: dict[str, Any]) -> None:
+    def _run_app(self, conn: Conn, environ: dict[str, Any], direct: bool) -> None:
         """In a pool thread, which owns ``conn`` until it queues it back: runs the app, frames
         the response and sends what the socket takes at once (usually all of it), so the reply
-        does not wait for the loop; the loop then sends any rest and reads the next request."""
+        does not wait for the loop; the loop then sends any rest and reads the next request.
+        Not ``direct`` when the loop still has bytes queued for this connection (a 100
+        Continue): then the loop sends everything, in order."""
         rest: bytes | None = None  # None: close the connection
         try:
             result: AppResponse | None
@@ -423,7 +425,7 @@ class BufferingWorker(Worker):  # type: ignore[misc]
                               _log_path(conn.request))
                 result = None
             rest = self._frame_response(conn, result)
-            if rest is not None and not conn.closed:
+            if rest is not None and direct and not conn.closed:
                 with contextlib.suppress(BlockingIOError, InterruptedError):
                     rest = rest[conn.sock.send(rest):]
         except OSError:  # the client has gone
