@@ -112,7 +112,8 @@ def serve(kind: str, port: int, workers: int, threads: int, worker_class: str) -
     class PlainServer(NewsbotServer):
         def gunicorn_config(self) -> dict[str, Any]:
             config = dict(super().gunicorn_config())
-            config["worker_class"] = worker_class
+            if worker_class != "newsbot":  # "newsbot": the worker `newsbot serve` uses
+                config["worker_class"] = worker_class
             config["proc_name"] = f"bench-{kind}"
             return config
 
@@ -139,7 +140,7 @@ class Target:
 
 @contextmanager
 def plain_server(kind: str, label: str, key: str, args: argparse.Namespace, workdir: Path,
-                 worker_class: str = "gthread") -> Iterator[Target]:
+                 worker_class: str = "newsbot") -> Iterator[Target]:
     port = _common.free_port()
     log = workdir / f"{key}.log"
     with open(log, "wb") as out:
@@ -713,8 +714,8 @@ def run(args: argparse.Namespace) -> int:
                 if generator == "wrk" else
                 f"pure Python, {min(args.gen_procs, args.connections)} processes × raw "
                 "keep-alive sockets (unique MsgId and nonce per request)")
-    print(f"server: gunicorn, {args.workers} workers × {args.threads} threads (gthread, as "
-          f"`newsbot serve` runs); newsbot log level info")
+    print(f"server: gunicorn, {args.workers} workers × {args.threads} threads (newsbot's "
+          f"buffering worker, as `newsbot serve` runs); newsbot log level info")
     print(f"load: {gen_desc}; {args.connections} connections; warm-up {args.warmup:g} s, "
           f"{args.duration:g} s measured per server")
     if pg_note:
@@ -1317,7 +1318,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2,
                         help="gunicorn workers for every server (default: CPU count)")
     parser.add_argument("--threads", type=int, default=8,
-                        help="gthread threads per worker (default 8, newsbot's default)")
+                        help="threads per worker (default 8, newsbot's default)")
     parser.add_argument("--generator", choices=["auto", "wrk", "python"], default="auto",
                         help="load generator: wrk when installed, else pure Python")
     parser.add_argument("--gen-procs", type=int, default=os.cpu_count() or 2,
@@ -1353,7 +1354,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests per database for --profile (default 2000)")
     parser.add_argument("--serve", choices=["hello", "echo"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--worker-class", default="gthread", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-class", default="newsbot", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
         serve(args.serve, args.port, args.workers, args.threads, args.worker_class)

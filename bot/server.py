@@ -1,5 +1,13 @@
-"""Runs the WSGI app under gunicorn: gthread workers, no preloading, so every worker builds its
-own app and database engine after the fork and no connection is ever shared across processes."""
+"""Runs the WSGI app under gunicorn: newsbot's buffering worker (``bot.serving.worker``), no
+preloading, so every worker builds its own app and database engine after the fork and no
+connection is ever shared across processes.
+
+Why not gunicorn's gthread worker: it gives a connection to a thread as soon as its first bytes
+arrive and the thread then blocks reading the rest, so as many clients as there are threads,
+each sending a few bytes of headers and waiting, stop the server (measured in bench/
+slow_clients.py; docs/benchmarks.md). The buffering worker reads every request to its end in
+an event loop with absolute deadlines and only then takes a thread; gunicorn still manages the
+processes (forks, restarts, graceful stop, the scheduler hooks below)."""
 
 from __future__ import annotations
 
@@ -15,7 +23,9 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger as GunicornLogger
 
 from bot.app import create_app
+from bot.serving.worker import BufferingWorker
 from bot.settings import Settings
+from bot.webhook import MAX_BODY_BYTES
 from storage.db import make_engine
 
 log = logging.getLogger("newsbot.server")
@@ -23,6 +33,30 @@ log = logging.getLogger("newsbot.server")
 GRACEFUL_TIMEOUT_S = 10
 # WeChat gives up after 5 s; a request still running at 30 s is stuck, not slow.
 WORKER_TIMEOUT_S = 30
+# Slow clients (bot.serving.worker): the request head, then the body, must arrive within these
+# (absolute, not per byte); WeChat sends a whole delivery in milliseconds, and a phone on a
+# bad network still sends a reader page's GET in well under 10 s.
+HEADER_TIMEOUT_S = 10.0
+BODY_TIMEOUT_S = 10.0
+# A client must take its response within this (replies are ≤ a few hundred KiB).
+WRITE_TIMEOUT_S = 10.0
+# Idle time allowed between two requests on one connection.
+KEEPALIVE_S = 5
+# Open connections per worker process; beyond it the oldest idle or still-sending one is
+# closed for the new one (see bot.serving.worker). Slow clients cost a socket, not a thread.
+MAX_CONNECTIONS_PER_WORKER = 1000
+MAX_HEADER_BYTES = 32 * 1024
+
+
+class NewsbotWorker(BufferingWorker):
+    """The buffering worker with newsbot's limits; the body limit is the webhook's, so an
+    oversized push is refused (413) before it is read."""
+
+    header_timeout_s = HEADER_TIMEOUT_S
+    body_timeout_s = BODY_TIMEOUT_S
+    write_timeout_s = WRITE_TIMEOUT_S
+    max_header_bytes = MAX_HEADER_BYTES
+    max_body_bytes = MAX_BODY_BYTES
 
 
 class _RootLogger(GunicornLogger):  # type: ignore[misc]
@@ -82,8 +116,11 @@ class NewsbotServer(BaseApplication):  # type: ignore[misc]
         return {
             "bind": [f"{opts.host}:{opts.port}"],
             "workers": opts.workers,
-            "worker_class": "gthread",
+            # As a dotted path: gunicorn < 27 only logs a worker class given as a string.
+            "worker_class": f"{NewsbotWorker.__module__}.{NewsbotWorker.__qualname__}",
             "threads": opts.threads,
+            "worker_connections": MAX_CONNECTIONS_PER_WORKER,
+            "keepalive": KEEPALIVE_S,
             "timeout": WORKER_TIMEOUT_S,
             "graceful_timeout": opts.graceful_timeout,
             "preload_app": False,
