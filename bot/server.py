@@ -25,7 +25,7 @@ from gunicorn.glogging import Logger as GunicornLogger
 from bot.app import create_app
 from bot.serving.worker import BufferingWorker
 from bot.settings import Settings
-from bot.webhook import MAX_BODY_BYTES
+from bot.wechat.webhook import MAX_BODY_BYTES
 from storage.db import make_engine
 
 log = logging.getLogger("newsbot.server")

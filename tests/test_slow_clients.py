@@ -30,7 +30,7 @@ import pytest
 from sqlalchemy import Engine, func
 from sqlmodel import select
 
-from bot.webhook import MAX_BODY_BYTES, sign
+from bot.wechat.webhook import MAX_BODY_BYTES, sign
 from storage.content import parse_issue_file
 from storage.db import read_only
 from storage.models import InboundMessage
