@@ -7,6 +7,7 @@ test's own in that database, dropped afterwards."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -203,6 +204,26 @@ def parse_reply(body: str) -> dict[str, str]:
         out["description"] = items[0].findtext("Description") or ""
         out["url"] = items[0].findtext("Url") or ""
     return out
+
+
+def client_for(app: Any) -> httpx.Client:
+    """An httpx client on the WSGI app that returns its 500 pages instead of raising, as
+    WeChat would see them."""
+    return httpx.Client(transport=httpx.WSGITransport(app=app, raise_app_exceptions=False),
+                        base_url="http://testserver")
+
+
+@pytest.fixture
+def http(settings: Settings, engine: Engine) -> Iterator[httpx.Client]:
+    with client_for(create_app(settings, engine)) as c:
+        yield c
+
+
+@pytest.fixture
+def captured(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """Every log record at INFO and above."""
+    with caplog.at_level(logging.INFO):
+        yield caplog
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -20,21 +19,8 @@ from bot.settings import Settings
 from bot.web import policy, reader
 from bot.wechat import webhook
 from bot.wechat.webhook import sign
-from tests.conftest import TOKEN, WeChatUser
-from tests.test_hostile_input import READER, client_for, request_lines
-
-
-@pytest.fixture
-def captured(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    with caplog.at_level(logging.INFO):
-        yield caplog
-
-
-@pytest.fixture
-def http(settings: Settings, engine: Engine) -> Iterator[httpx.Client]:
-    with client_for(create_app(settings, engine)) as c:
-        yield c
-
+from tests.conftest import TOKEN, WeChatUser, client_for
+from tests.test_hostile_input import READER, request_lines
 
 # --- 2. error pages never quote the request ----------------------------------------------------
 

@@ -5,9 +5,7 @@ database that cannot grow (max_page_count: SQLite's own SQLITE_FULL path, as on 
 
 from __future__ import annotations
 
-import logging
 import sqlite3
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -20,21 +18,8 @@ from bot.settings import Settings
 from handlers.errors import BUSY
 from storage.db import make_engine
 from storage.models import InboundMessage
-from tests.conftest import ON_POSTGRES, WeChatUser
-from tests.test_hostile_input import READER, client_for, count
-
-
-@pytest.fixture
-def captured(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    with caplog.at_level(logging.INFO):
-        yield caplog
-
-
-@pytest.fixture
-def http(settings: Settings, engine: Engine) -> Iterator[httpx.Client]:
-    with client_for(create_app(settings, engine)) as c:
-        yield c
-
+from tests.conftest import ON_POSTGRES, WeChatUser, client_for
+from tests.test_hostile_input import READER, count
 
 # --- 3. health means "can take a write" ------------------------------------------------------
 

@@ -5,9 +5,7 @@ WeChat's own reports, acknowledged and logged, and never a 500."""
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -16,19 +14,12 @@ from sqlalchemy import Engine, func
 from sqlmodel import select
 
 from bot.app import create_app
-from bot.settings import Settings
 from storage.db import transaction
 from storage.models import InboundMessage, MassJobReport, Subscriber
-from tests.conftest import WeChatUser, parse_reply
+from tests.conftest import WeChatUser, client_for, parse_reply
 from tests.test_safe_mode import SafeUser, safe_settings
 
 READER = "o_reader_0001"
-
-
-@pytest.fixture
-def captured(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    with caplog.at_level(logging.INFO):
-        yield caplog
 
 
 def request_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
@@ -40,18 +31,6 @@ def request_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
 def count(engine: Engine, model: type[Any]) -> int:
     with transaction(engine) as s:
         return int(s.exec(select(func.count()).select_from(model)).one())
-
-
-def client_for(app: Any) -> httpx.Client:
-    # raise_app_exceptions=False: look at the 500 page the app sends, as WeChat would.
-    return httpx.Client(transport=httpx.WSGITransport(app=app, raise_app_exceptions=False),
-                        base_url="http://testserver")
-
-
-@pytest.fixture
-def http(settings: Settings, engine: Engine) -> Iterator[httpx.Client]:
-    with client_for(create_app(settings, engine)) as c:
-        yield c
 
 
 def text_xml(openid: str, content: str, *, msg_id: int = 424242) -> str:

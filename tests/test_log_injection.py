@@ -19,8 +19,8 @@ from bot.web import policy, reader
 from bot.wechat.webhook import Webhook
 from handlers import ROUTERS
 from handlers.router import Context, Incoming, Router, Text
-from tests.conftest import WeChatUser
-from tests.test_hostile_input import READER, client_for
+from tests.conftest import WeChatUser, client_for
+from tests.test_hostile_input import READER
 
 FORGED = "\nwebhook id=forged outcome=ok"
 

@@ -6,7 +6,6 @@ All through the real CLI; the chat side through signed XML posted to the real WS
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +15,7 @@ from sqlalchemy import Engine, select
 from typer.testing import CliRunner, Result
 
 import bot.server
-from bot.app import create_app
 from bot.cli import app as cli_app
-from bot.settings import Settings
 from storage import ledger
 from storage.db import transaction
 from storage.models import Entitlement, LedgerEntry
@@ -54,13 +51,6 @@ def keys(engine: Engine) -> list[str]:
     with transaction(engine) as s:
         return list(s.execute(select(LedgerEntry.idempotency_key)  # type: ignore[call-overload]
                               .order_by(LedgerEntry.id)).scalars())
-
-
-@pytest.fixture
-def http(settings: Settings, engine: Engine) -> Iterator[httpx.Client]:
-    with httpx.Client(transport=httpx.WSGITransport(app=create_app(settings, engine)),
-                      base_url="http://testserver") as client:
-        yield client
 
 
 # --- --key ---------------------------------------------------------------------------------------

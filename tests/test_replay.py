@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,13 +85,6 @@ def count(engine: Engine, model: type[Any]) -> int:
 def entries(engine: Engine) -> list[LedgerEntry]:
     with transaction(engine) as s:
         return list(s.exec(select(LedgerEntry)).scalars())  # type: ignore[call-overload]
-
-
-@pytest.fixture
-def http(settings: Settings, engine: Engine) -> Iterator[httpx.Client]:
-    with httpx.Client(transport=httpx.WSGITransport(app=create_app(settings, engine)),
-                      base_url="http://testserver") as client:
-        yield client
 
 
 # --- 1. replay -------------------------------------------------------------------------------
