@@ -10,9 +10,16 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from handlers.config import ChatConfig
+from handlers.config import ChatConfig, CodeRules, PassOffer
 
 PLACEHOLDER_PREFIX = "CHANGE-ME"
 ENV_PREFIX = "NEWSBOT_"
@@ -107,6 +114,38 @@ class OperatorSettings(_Section):
     openids: list[str] = []
 
 
+class PassSettings(_Section):
+    """One ``[[passes]]`` entry: a time pass (会员卡) sold for tokens."""
+
+    # Lower-case so subscribers may type it in any case (chat text is case-folded).
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")
+    name: str = Field(min_length=1, max_length=20)
+    days: int = Field(ge=1, le=3660)
+    price: int = Field(ge=1, le=10**9)
+
+
+class CodeSettings(_Section):
+    """``[codes]``: redemption codes (兑换码) and gift codes."""
+
+    # Key of the HMAC that codes are stored under. Empty: codes and gifts are off.
+    secret: str = ""
+    # Failed code attempts allowed per subscriber within the window before a freeze.
+    max_failures: int = Field(5, ge=1, le=1000)
+    failure_window_minutes: int = Field(10, ge=1, le=10080)
+    freeze_minutes: int = Field(60, ge=1, le=10080)
+
+    @field_validator("secret")
+    @classmethod
+    def _long_enough(cls, v: str) -> str:
+        if v and not v.startswith(PLACEHOLDER_PREFIX) and len(v) < 16:
+            raise ValueError("use at least 16 random characters (or leave it empty: no codes)")
+        return v
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.secret) and not self.secret.startswith(PLACEHOLDER_PREFIX)
+
+
 class MenuButton(_Section):
     name: str
     type: Literal["click", "view"] | None = None
@@ -199,11 +238,27 @@ class Settings(_Section):
     operators: OperatorSettings = OperatorSettings()
     broadcast: BroadcastSettings = BroadcastSettings()
     menu: MenuSettings = MenuSettings()
+    passes: list[PassSettings] = []
+    codes: CodeSettings = CodeSettings()
 
     source: str | None = Field(default=None, exclude=True)
 
+    @model_validator(mode="after")
+    def _distinct_passes(self) -> Settings:
+        seen: set[str] = set()
+        for item in self.passes:
+            for word in {item.id, item.name.lower()}:
+                if word in seen:
+                    raise ValueError(f"[[passes]]: {word!r} names two passes; ids and names "
+                                     "must be unique")
+                seen.add(word)
+        return self
+
     def is_operator(self, openid: str) -> bool:
         return openid in self.operators.openids
+
+    def pass_by_id(self, pass_id: str) -> PassSettings | None:
+        return next((p for p in self.passes if p.id == pass_id), None)
 
     def chat_config(self) -> ChatConfig:
         """The slice of these settings that chat handlers read."""
@@ -212,7 +267,13 @@ class Settings(_Section):
             how_to_get=self.tokens.how_to_get, free_percent=self.content.free_percent,
             push_mode=self.broadcast.mode, link_ttl_hours=self.reader.link_ttl_hours,
             operators=frozenset(self.operators.openids), publication=self.content.publication,
-            schedule=describe_cron(self.broadcast.cron), timezone=self.broadcast.timezone)
+            schedule=describe_cron(self.broadcast.cron), timezone=self.broadcast.timezone,
+            passes=tuple(PassOffer(p.id, p.name, p.days, p.price) for p in self.passes),
+            codes=CodeRules(
+                secret=self.codes.secret.encode() if self.codes.enabled else b"",
+                max_failures=self.codes.max_failures,
+                window_minutes=self.codes.failure_window_minutes,
+                freeze_minutes=self.codes.freeze_minutes))
 
     def missing_secrets(self, *, need_api: bool = False) -> list[str]:
         """Keys that must be set before serving, each with a hint on how to set it."""

@@ -8,6 +8,30 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
+class PassOffer:
+    """A ``[[passes]]`` entry: a pass subscribers can buy for ``price`` tokens."""
+
+    id: str
+    name: str
+    days: int
+    price: int
+
+
+@dataclass(frozen=True)
+class CodeRules:
+    """``[codes]``: the key codes are hashed under (empty: codes are off) and the freeze."""
+
+    secret: bytes = field(default=b"", repr=False)
+    max_failures: int = 5
+    window_minutes: int = 10
+    freeze_minutes: int = 60
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.secret)
+
+
+@dataclass(frozen=True)
 class ChatConfig:
     unit: str = "豆"  # [tokens] name
     max_topup: int = 100_000
@@ -19,6 +43,13 @@ class ChatConfig:
     publication: str = "会员通讯"  # [content] publication
     schedule: str = "每周一 08:00"  # [broadcast] cron in words (bot.settings.describe_cron)
     timezone: str = "Asia/Shanghai"  # [broadcast] timezone: how times are shown
+    passes: tuple[PassOffer, ...] = ()  # [[passes]]
+    codes: CodeRules = field(default_factory=CodeRules)  # [codes]
 
     def is_operator(self, openid: str) -> bool:
         return openid in self.operators
+
+    def find_pass(self, word: str) -> PassOffer | None:
+        """The pass a subscriber named, by id or name, in any case."""
+        word = word.strip().lower()
+        return next((p for p in self.passes if word in (p.id, p.name.lower())), None)

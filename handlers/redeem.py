@@ -49,6 +49,9 @@ def unlock(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
         return Text(_shortfall(ctx, item, balance=err.balance))
     if result.status == "free":
         return _full_text_news(ctx, msg.openid, item, "本期免费，无需兑换。")
+    if result.status == "pass":
+        return _full_text_news(ctx, msg.openid, item,
+                               f"你的会员卡包含本期，无需兑换，未扣{ctx.unit}。")
     if result.status == "already":
         return _full_text_news(ctx, msg.openid, item,
                                f"你已解锁过本期，未重复扣费。余额 {result.balance} {ctx.unit}。")

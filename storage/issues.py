@@ -24,7 +24,7 @@ from storage.content import (
     topics_to_json,
 )
 from storage.errors import UnknownIssue
-from storage.ledger import has_entitlement
+from storage.ledger import may_read
 from storage.models import Entitlement, Issue, LedgerEntry, UTCDateTime, utcnow
 from storage.sql import scalar
 
@@ -341,13 +341,13 @@ def lowest_draft_number(session: Session) -> int | None:
 
 def read_issue(session: Session, *, number: int, openid: str,
                default_free_percent: int) -> IssueReading:
-    """What ``openid`` may read of a published issue: full text only with an entitlement
-    (or when the issue is free), otherwise the free excerpt."""
+    """What ``openid`` may read of a published issue: full text only with an entitlement or a
+    pass that covers it (or when the issue is free), otherwise the free excerpt."""
     row = session.exec(select(Issue).where(Issue.number == number, _published())).first()
     if row is None:
         raise UnknownIssue(number)
     preview = _preview(row, default_free_percent)
-    unlocked = row.price == 0 or has_entitlement(session, openid=openid, issue_number=number)
+    unlocked = row.price == 0 or may_read(session, openid=openid, issue_number=number)
     return IssueReading(preview, unlocked, row.body_md if unlocked else row.excerpt_md)
 
 

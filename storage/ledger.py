@@ -35,6 +35,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 from sqlmodel import Session, col, select, update
 
+from storage.coverage import covered_clause
 from storage.errors import (
     IdempotencyConflict,
     InsufficientBalance,
@@ -64,7 +65,7 @@ class LedgerResult:
 
 @dataclass(frozen=True)
 class RedeemResult:
-    status: Literal["unlocked", "already", "free"]
+    status: Literal["unlocked", "already", "free", "pass"]  # pass: a pass covers it, no charge
     balance: int
     entry: LedgerEntry | None = None
     replayed: bool = False
@@ -166,6 +167,71 @@ def credit(
     return LedgerResult(entry, replayed=False)
 
 
+EntryKind = Literal["topup", "adjust", "redeem", "code", "pass", "gift", "refund"]
+
+
+def post(
+    session: Session,
+    *,
+    openid: str,
+    amount: int,
+    kind: EntryKind,
+    key: str,
+    reason: str,
+    issue_number: int | None = None,
+    pass_id: str | None = None,
+    code_batch_id: int | None = None,
+    refers_to: int | None = None,
+    operator: str | None = None,
+) -> LedgerResult:
+    """Write one entry and move the cached balance with it, inside a savepoint: the building
+    block of codes, passes, gifts and refunds (each adds its own rows in the same transaction).
+
+    Raises InsufficientBalance (nothing written) when a debit would go below zero,
+    IdempotencyConflict when ``key`` was used for another action; a key used for this very
+    action returns the first entry with ``replayed`` set. The caller validates the amount."""
+    if abs(amount) > MAX_ABS_AMOUNT or amount == 0:
+        raise InvalidAmount(f"{kind} {amount} is not a usable amount",
+                            problem="too_large" if amount else "zero", amount=amount,
+                            limit=MAX_ABS_AMOUNT)
+
+    def matches(e: LedgerEntry) -> bool:
+        return (_same_action(e, openid=openid, kind=kind, amount=amount,
+                             issue_number=issue_number, reason=None)
+                and e.pass_id == pass_id and e.code_batch_id == code_batch_id
+                and e.refers_to == refers_to)
+
+    if session.autoflush:
+        session.flush()
+    existing = _by_key(session, key)
+    if existing is not None:
+        if not matches(existing):
+            raise IdempotencyConflict(key, _describe(existing))
+        return LedgerResult(existing, replayed=True)
+    try:
+        with session.begin_nested():
+            new_balance = _apply_delta(session, openid=openid, amount=amount)
+            if new_balance is None:
+                balance = get_balance(session, openid=openid)  # raises UnknownSubscriber
+                raise InsufficientBalance(needed=-amount, balance=balance)
+            entry = LedgerEntry(
+                openid=openid, amount=amount, kind=kind, issue_number=issue_number,
+                pass_id=pass_id, code_batch_id=code_batch_id, refers_to=refers_to,
+                idempotency_key=key, operator=operator, reason=reason,
+                balance_after=new_balance, created_at=utcnow(),
+            )
+            session.add(entry)
+            session.flush()
+    except IntegrityError:
+        winner = _by_key(session, key)
+        if winner is None:
+            raise
+        if not matches(winner):
+            raise IdempotencyConflict(key, _describe(winner)) from None
+        return LedgerResult(winner, replayed=True)
+    return LedgerResult(entry, replayed=False)
+
+
 _SUB_T: Table = Subscriber.__table__  # type: ignore[attr-defined]
 _ENTRY_T: Table = LedgerEntry.__table__  # type: ignore[attr-defined]
 _ENT_T: Table = Entitlement.__table__  # type: ignore[attr-defined]
@@ -173,8 +239,18 @@ _ISSUE_T: Table = Issue.__table__  # type: ignore[attr-defined]
 
 
 def has_entitlement(session: Session, *, openid: str, issue_number: int) -> bool:
+    """An unlock of the issue itself (by tokens or a code); a pass is ``may_read``."""
     return scalar(session, sa_select(_ENT_T.c.id).where(
         _ENT_T.c.openid == openid, _ENT_T.c.issue_number == issue_number)) is not None
+
+
+def may_read(session: Session, *, openid: str, issue_number: int) -> bool:
+    """Unlocked, or covered by one of the subscriber's passes."""
+    if session.autoflush:
+        session.flush()
+    return bool(session.connection().execute(sa_select(
+        exists().where(_ENT_T.c.openid == openid, _ENT_T.c.issue_number == issue_number)
+        | covered_clause(openid, issue_number))).scalar())
 
 
 # --- redeem: statements built once; each call only binds values ------------------------------
@@ -189,6 +265,7 @@ _P_NOW = bindparam("p_now", type_=_ENTRY_T.c.created_at.type)
 
 _UNLOCKED = exists().where(_ENT_T.c.openid == _P_OPENID, _ENT_T.c.issue_number == _P_ISSUE)
 _KEY_USED = exists().where(_ENTRY_T.c.idempotency_key == _P_KEY)
+_COVERED = covered_clause(_P_OPENID, _P_ISSUE)
 
 # Everything redeem decides on, in one round trip. FOR UPDATE (PostgreSQL; SQLite ignores it and
 # needs no lock: its write transactions run one at a time) serialises this user's redemptions
@@ -196,7 +273,7 @@ _KEY_USED = exists().where(_ENTRY_T.c.idempotency_key == _P_KEY)
 # every redemption that committed before us and computes balance_after from the current balance.
 _STATE = (
     sa_select(_SUB_T.c.id, _SUB_T.c.balance, _KEY_USED.label("key_used"),
-              _UNLOCKED.label("unlocked"))
+              _UNLOCKED.label("unlocked"), _COVERED.label("covered"))
     .where(_SUB_T.c.openid == _P_OPENID)
     .with_for_update(of=_SUB_T)
 )
@@ -214,7 +291,8 @@ _PG_CLAIM = (
          "balance_after", "created_at"],
         sa_select(_SUB_T.c.openid, -_P_PRICE, literal("redeem", String()), _P_ISSUE, _P_KEY,
                   _P_REASON, _SUB_T.c.balance - _P_PRICE, _P_NOW)
-        .where(_SUB_T.c.openid == _P_OPENID, _SUB_T.c.balance >= _P_PRICE, ~_UNLOCKED),
+        .where(_SUB_T.c.openid == _P_OPENID, _SUB_T.c.balance >= _P_PRICE, ~_UNLOCKED,
+               ~_COVERED),
     )
     .on_conflict_do_nothing(index_elements=["idempotency_key"])
     .returning(_ENTRY_T.c.id, _ENTRY_T.c.openid, _ENTRY_T.c.balance_after)
@@ -331,6 +409,8 @@ def _redeem_state(session: Session, conn: Connection,
                             replayed=True)
     if state.unlocked:
         return RedeemResult("already", balance=int(state.balance))
+    if state.covered:  # never charged: the pass grants it (storage.passes)
+        return RedeemResult("pass", balance=int(state.balance))
     if state.balance < price:
         raise InsufficientBalance(needed=price, balance=int(state.balance))
     return None
@@ -365,10 +445,13 @@ def count_entries(session: Session) -> int:
 
 
 def unlocked_issues(session: Session, *, openid: str) -> set[int]:
+    """Issues the subscriber may read in full: unlocked or covered by a pass."""
     rows = session.exec(
         select(Entitlement.issue_number).where(Entitlement.openid == openid)
     ).all()
-    return {int(n) for n in rows}
+    covered = session.connection().execute(
+        sa_select(_ISSUE_T.c.number).where(covered_clause(openid, _ISSUE_T.c.number))).all()
+    return {int(n) for n in rows} | {int(n) for (n,) in covered}
 
 
 @dataclass(frozen=True)

@@ -93,13 +93,18 @@ class LedgerEntry(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     openid: str = Field(max_length=64)
     amount: int = Field(sa_type=BigInteger)
-    kind: str = Field(max_length=16)  # topup | adjust | redeem
+    # topup | adjust (operator) · redeem (issue unlock) · code (a code's tokens) · pass (a pass
+    # bought) · gift (a gift bought for someone else) · refund (reverses the entry refers_to)
+    kind: str = Field(max_length=16)
     issue_number: int | None = None
     idempotency_key: str = Field(max_length=128, unique=True)
     operator: str | None = Field(default=None, max_length=64)
     reason: str = ""
     balance_after: int = Field(sa_type=BigInteger)
     created_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+    pass_id: str | None = Field(default=None, max_length=32)  # kind pass, gift of a pass
+    code_batch_id: int | None = None  # kind code: the batch whose code credited it
+    refers_to: int | None = None  # kind refund: the entry it reverses
 
 
 class Entitlement(SQLModel, table=True):
@@ -110,7 +115,110 @@ class Entitlement(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     openid: str = Field(max_length=64, index=True)
     issue_number: int
-    ledger_entry_id: int | None = None
+    ledger_entry_id: int | None = None  # the redeem charge, or None for one from a code
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+    code_redemption_id: int | None = None  # the code (or gift) that granted it
+
+
+class CodeBatch(SQLModel, table=True):
+    """One ``code create`` (or one gift): what each of its codes grants, and for how long.
+    Exactly one of tokens, issue_number, pass_id is set (``kind`` says which)."""
+
+    __tablename__ = "code_batch"
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=8)  # tokens | issue | pass
+    tokens: int | None = Field(default=None, sa_type=BigInteger)
+    issue_number: int | None = None
+    pass_id: str | None = Field(default=None, max_length=32)
+    pass_days: int | None = None  # fixed when the batch is made: config may change later
+    count: int
+    uses: int = 1  # distinct subscribers per code
+    label: str = ""
+    expires_at: datetime | None = Field(default=None, sa_column=_ts(True))
+    giver: str | None = Field(default=None, max_length=64, index=True)  # a gift's buyer
+    gift_entry_id: int | None = None  # the giver's ledger entry that paid for the gift
+    created_by: str | None = Field(default=None, max_length=64)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+    revoked_at: datetime | None = Field(default=None, sa_column=_ts(True))
+
+
+class RedemptionCode(SQLModel, table=True):
+    """A code, stored only as an HMAC of its canonical form under ``[codes] secret``: a dump
+    of this table gives away no code that can still be used."""
+
+    __tablename__ = "redemption_code"
+    __table_args__ = (CheckConstraint("used >= 0 AND used <= uses", name="ck_code_uses"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    batch_id: int = Field(index=True)
+    digest: str = Field(max_length=64, unique=True)
+    uses: int = 1
+    used: int = 0
+    revoked_at: datetime | None = Field(default=None, sa_column=_ts(True))
+
+
+class CodeRedemption(SQLModel, table=True):
+    """One subscriber's use of one code: at most one per (code, subscriber)."""
+
+    __tablename__ = "code_redemption"
+    __table_args__ = (UniqueConstraint("code_id", "openid", name="uq_code_redemption"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    code_id: int = Field(index=True)
+    batch_id: int = Field(index=True)
+    openid: str = Field(max_length=64, index=True)
+    ledger_entry_id: int | None = None  # kind tokens: the credit
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+
+
+class CodeFailure(SQLModel, table=True):
+    """A code attempt that granted nothing (typo, unknown, used up, expired, revoked): counted
+    per subscriber to freeze guessing."""
+
+    __tablename__ = "code_failure"
+    __table_args__ = (Index("ix_code_failure_openid_at", "openid", "at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    openid: str = Field(max_length=64)
+    reason: str = Field(max_length=16)
+    at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+
+
+class CodeFreeze(SQLModel, table=True):
+    """A subscriber whose code attempts are refused until ``until``, unseen."""
+
+    __tablename__ = "code_freeze"
+
+    openid: str = Field(primary_key=True, max_length=64)
+    since: datetime = Field(sa_column=_ts())
+    until: datetime = Field(sa_column=_ts())
+    failures: int = 0
+
+
+class PassPeriod(SQLModel, table=True):
+    """A span of time during which a subscriber reads every issue published, plus the issue
+    that was current when it started (``first_issue``). A refund shortens it with ``cut_at``;
+    the row itself, like the ledger, is never deleted."""
+
+    __tablename__ = "pass_period"
+    __table_args__ = (Index("ix_pass_period_openid_ends", "openid", "ends_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    openid: str = Field(max_length=64)
+    pass_id: str = Field(max_length=32)
+    days: int
+    starts_at: datetime = Field(sa_column=_ts())
+    ends_at: datetime = Field(sa_column=_ts())
+    first_issue: int | None = None
+    source: str = Field(max_length=16)  # purchase | code | gift | grant
+    ledger_entry_id: int | None = None  # purchase: the debit
+    code_redemption_id: int | None = None  # code | gift
+    idempotency_key: str = Field(max_length=128, unique=True)
+    operator: str | None = Field(default=None, max_length=64)
+    reason: str = ""
+    cut_at: datetime | None = Field(default=None, sa_column=_ts(True))
+    refund_entry_id: int | None = None
     created_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
 
 

@@ -11,6 +11,7 @@ from sqlalchemy import func, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select, update
 
+from storage.coverage import COVERED_SQL
 from storage.errors import UnknownSubscriber
 from storage.models import Subscriber, utcnow
 from storage.sql import insert_ignore
@@ -36,6 +37,20 @@ def require_subscriber(session: Session, *, openid: str) -> Subscriber:
     if sub is None:
         raise UnknownSubscriber(openid)
     return sub
+
+
+def lock_subscriber(session: Session, *, openid: str) -> int:
+    """Take this subscriber's row lock until COMMIT (PostgreSQL; SQLite's writers run one at a
+    time anyway) and return their balance. Redeem takes the same lock, so a pass granted, a
+    code used and an unlock of one reader are decided one after another."""
+    if session.autoflush:
+        session.flush()
+    balance = session.connection().execute(
+        select(Subscriber.balance).where(Subscriber.openid == openid).with_for_update()
+    ).scalar()
+    if balance is None:
+        raise UnknownSubscriber(openid)
+    return int(balance)
 
 
 def set_subscribed(session: Session, *, openid: str, subscribed: bool,
@@ -105,7 +120,8 @@ class Standing:
 # parameters, so storage.fastpath runs the very same text on the driver.
 STANDING_SQL = (
     "SELECT (SELECT balance FROM subscriber WHERE openid = :openid),"
-    " EXISTS (SELECT 1 FROM entitlement WHERE openid = :openid AND issue_number = :issue),"
+    " (EXISTS (SELECT 1 FROM entitlement WHERE openid = :openid AND issue_number = :issue)"
+    " OR " + COVERED_SQL + "),"
     " EXISTS (SELECT 1 FROM issue_notice WHERE openid = :openid AND issue_number = :issue)"
 )
 _STANDING = text(STANDING_SQL)

@@ -68,8 +68,15 @@ def _sql(value: Any) -> str:
 def create_pre_migration_schema(engine: Engine) -> None:
     """What newsbot did before migrations existed: the baseline's tables, from the models."""
     baseline = schema._baseline_columns()
-    SQLModel.metadata.create_all(engine, tables=[
-        t for t in SQLModel.metadata.sorted_tables if t.name in baseline])
+    # The models as they were then: columns added by later revisions left out.
+    then = MetaData()
+    for table in SQLModel.metadata.sorted_tables:
+        if table.name in baseline:
+            old = table.to_metadata(then)
+            for column in list(old.columns):
+                if column.name not in baseline[table.name]:
+                    old._columns.remove(column)
+    then.create_all(engine)
 
 
 def model_diff(engine: Engine, metadata: MetaData = SQLModel.metadata) -> list[Any]:
