@@ -37,6 +37,7 @@ SAMPLE_ISSUE = ROOT / "bot" / "sample" / "issue-001.md"
 SAMPLE_DRAFT = ROOT / "bot" / "sample" / "issue-002.md"
 TOKEN = "test-wechat-token"
 OPERATOR = "o_operator_0001"
+CODES_SECRET = "test-codes-secret-0123456789"
 
 # Read at import: test modules clear NEWSBOT_* from the environment before their tests run.
 TEST_DATABASE_URL = os.environ.get("NEWSBOT_TEST_DATABASE_URL") or None
@@ -49,6 +50,7 @@ def make_settings(**sections: dict[str, Any]) -> Settings:
         "reader": {"secret": "test-reader-secret-0123456789"},
         "server": {"public_url": "http://testserver"},
         "operators": {"openids": [OPERATOR]},
+        "codes": {"secret": CODES_SECRET},
     }
     for name, table in sections.items():
         data.setdefault(name, {}).update(table)
