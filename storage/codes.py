@@ -394,8 +394,9 @@ def _grant(session: Session, *, openid: str, found: _Found, key: str,
     """Claim one use, record it and grant, in one savepoint: all of it or none."""
     batch = found.batch
     assert batch.id is not None
-    conn = session.connection()
     with session.begin_nested():
+        # Asked for inside the block: the session emits the SAVEPOINT only then.
+        conn = session.connection()
         claimed = conn.execute(
             sa_update(_CODE)
             .where(_CODE.c.id == found.code_id, _CODE.c.used < _CODE.c.uses,

@@ -44,7 +44,7 @@ TEST_DATABASE_URL = os.environ.get("NEWSBOT_TEST_DATABASE_URL") or None
 ON_POSTGRES = TEST_DATABASE_URL is not None
 
 
-def make_settings(**sections: dict[str, Any]) -> Settings:
+def make_settings(**sections: dict[str, Any] | list[dict[str, Any]]) -> Settings:
     data: dict[str, Any] = {
         "wechat": {"token": TOKEN},
         "reader": {"secret": "test-reader-secret-0123456789"},
@@ -53,7 +53,10 @@ def make_settings(**sections: dict[str, Any]) -> Settings:
         "codes": {"secret": CODES_SECRET},
     }
     for name, table in sections.items():
-        data.setdefault(name, {}).update(table)
+        if isinstance(table, list):  # an array of tables: [[passes]]
+            data[name] = table
+        else:
+            data.setdefault(name, {}).update(table)
     return Settings.model_validate(data)
 
 
