@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Table, func, insert
+from sqlalchemy import Table, bindparam, func, insert
 from sqlalchemy import select as sa_select
 from sqlalchemy import update as sa_update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -35,7 +35,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from storage import ledger, passes
-from storage.errors import DomainError, IdempotencyConflict
+from storage.errors import DomainError, IdempotencyConflict, UnknownSubscriber
 from storage.models import (
     CodeBatch,
     CodeFailure,
@@ -45,9 +45,9 @@ from storage.models import (
     Issue,
     PassPeriod,
     RedemptionCode,
+    Subscriber,
     utcnow,
 )
-from storage.subscribers import lock_subscriber
 
 ALPHABET = "23456789ABCDEFGHJKMNPQRSTUVWXYZ"  # 31 symbols, no 0/O/1/I/L; 31 is prime
 BASE = len(ALPHABET)
@@ -74,6 +74,7 @@ _USE: Table = CodeRedemption.__table__  # type: ignore[attr-defined]
 _FAILURE: Table = CodeFailure.__table__  # type: ignore[attr-defined]
 _FREEZE: Table = CodeFreeze.__table__  # type: ignore[attr-defined]
 _ENT: Table = Entitlement.__table__  # type: ignore[attr-defined]
+_SUB: Table = Subscriber.__table__  # type: ignore[attr-defined]
 
 
 class InvalidBatch(DomainError):
@@ -282,23 +283,45 @@ class _Found:
     batch: CodeBatch
 
 
-def _frozen_until(session: Session, openid: str, now: datetime) -> datetime | None:
-    until = session.connection().execute(
-        sa_select(_FREEZE.c.until).where(_FREEZE.c.openid == openid)).scalar()
-    return until if until is not None and until > now else None
+# The subscriber's row lock (as storage.subscribers.lock_subscriber takes it: redeem and pass
+# grants take the same, so one reader's unlocks, codes and passes are decided one after
+# another) and their freeze, in one round trip.
+_LOCK_AND_FREEZE = (
+    sa_select(_SUB.c.balance, _FREEZE.c.until)
+    .select_from(_SUB.outerjoin(_FREEZE, _FREEZE.c.openid == _SUB.c.openid))
+    .where(_SUB.c.openid == bindparam("openid"))
+    .with_for_update(of=_SUB)
+)
+
+
+def _lock(session: Session, openid: str) -> tuple[int, datetime | None]:
+    """Balance and freeze end of ``openid``, holding their row lock until COMMIT."""
+    if session.autoflush:
+        session.flush()
+    row = session.connection().execute(_LOCK_AND_FREEZE, {"openid": openid}).first()
+    if row is None:
+        raise UnknownSubscriber(openid)
+    return int(row.balance), row.until
+
+
+_BATCH_COLUMNS = [c.label(f"b_{c.name}") for c in _BATCH.c]
+_FIND = (
+    sa_select(_CODE.c.id, _CODE.c.used, _CODE.c.uses, _CODE.c.revoked_at,
+              sa_select(_USE.c.id).where(_USE.c.code_id == _CODE.c.id,
+                                         _USE.c.openid == bindparam("openid"))
+              .exists().label("mine"), *_BATCH_COLUMNS)
+    .join(_BATCH, _BATCH.c.id == _CODE.c.batch_id)
+    .where(_CODE.c.digest == bindparam("digest"))
+)
 
 
 def _find(session: Session, *, openid: str, code_digest: str) -> _Found | None:
+    """The code with this digest, its batch and whether ``openid`` used it: one round trip."""
     row = session.connection().execute(
-        sa_select(_CODE.c.id, _CODE.c.used, _CODE.c.uses, _CODE.c.revoked_at, _CODE.c.batch_id,
-                  sa_select(_USE.c.id).where(_USE.c.code_id == _CODE.c.id,
-                                             _USE.c.openid == openid)
-                  .exists().label("mine"))
-        .where(_CODE.c.digest == code_digest)).first()
+        _FIND, {"openid": openid, "digest": code_digest}).first()
     if row is None:
         return None
-    batch = session.get(CodeBatch, row.batch_id)
-    assert batch is not None, f"code {row.id} of a missing batch {row.batch_id}"
+    batch = CodeBatch(**{c.name: row._mapping[f"b_{c.name}"] for c in _BATCH.c})
     return _Found(int(row.id), int(row.used), int(row.uses), row.revoked_at, bool(row.mine),
                   batch)
 
@@ -320,14 +343,12 @@ def _refusal(found: _Found, *, openid: str, now: datetime) -> Status | None:
 
 
 def _record_failure(session: Session, *, openid: str, reason: Status, now: datetime,
-                    rules: _Rules) -> tuple[int, datetime | None]:
+                    rules: _Rules, last_freeze: datetime | None) -> tuple[int, datetime | None]:
     """Count the failure; freeze when it is the last one allowed. Returns (attempts left,
     the freeze's end if this failure froze the subscriber). Runs under the subscriber's lock."""
     conn = session.connection()
     conn.execute(insert(_FAILURE).values(openid=openid, reason=reason, at=now))
     since = now - rules.window
-    last_freeze = conn.execute(
-        sa_select(_FREEZE.c.until).where(_FREEZE.c.openid == openid)).scalar()
     if last_freeze is not None and last_freeze > since:
         since = last_freeze  # failures before a served freeze are paid for
     failures = int(conn.execute(
@@ -376,15 +397,14 @@ def redeem_code(
     now = now or utcnow()
     if not secret:
         return CodeOutcome("disabled", ledger.get_balance(session, openid=openid))
-    balance = lock_subscriber(session, openid=openid)
-    until = _frozen_until(session, openid, now)
-    if until is not None:  # the text is not even looked at: a real code stays unused
+    balance, until = _lock(session, openid)
+    if until is not None and until > now:  # the text is not even looked at: it stays unused
         return CodeOutcome("frozen", balance, frozen_until=until)
     rules = _Rules(max_failures, window, freeze)
 
     def fail(status: Status, batch: CodeBatch | None = None) -> CodeOutcome:
         left, frozen = _record_failure(session, openid=openid, reason=status, now=now,
-                                       rules=rules)
+                                       rules=rules, last_freeze=until)
         return CodeOutcome(status, balance, batch=batch, failures_left=left,
                            frozen_until=frozen,
                            issue_number=batch.issue_number if batch is not None else None)
@@ -408,7 +428,7 @@ def redeem_code(
         return CodeOutcome("already_owned", balance, batch=batch,
                            issue_number=batch.issue_number)
     try:
-        return _grant(session, openid=openid, found=found, key=key, now=now)
+        return _grant(session, openid=openid, found=found, key=key, now=now, balance=balance)
     except _Lost:
         # Used up or revoked between our read and the claim (another subscriber won).
         found = _find(session, openid=openid, code_digest=digest(secret, code))
@@ -420,8 +440,8 @@ def redeem_code(
         return fail("already_used", batch)
 
 
-def _grant(session: Session, *, openid: str, found: _Found, key: str,
-           now: datetime) -> CodeOutcome:
+def _grant(session: Session, *, openid: str, found: _Found, key: str, now: datetime,
+           balance: int) -> CodeOutcome:
     """Claim one use, record it and grant, in one savepoint: all of it or none."""
     batch = found.batch
     assert batch.id is not None
@@ -446,7 +466,6 @@ def _grant(session: Session, *, openid: str, found: _Found, key: str,
             conn.execute(insert(_USE).values(**use, ledger_entry_id=credit.entry.id))
             return CodeOutcome("granted", credit.balance, batch=batch, tokens=batch.tokens)
         use_id = int(conn.execute(insert(_USE).values(**use).returning(_USE.c.id)).scalar_one())
-        balance = ledger.get_balance(session, openid=openid)
         if batch.kind == "issue":
             conn.execute(insert(_ENT).values(openid=openid, issue_number=batch.issue_number,
                                              ledger_entry_id=None, code_redemption_id=use_id,
