@@ -35,7 +35,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from storage import ledger, passes
-from storage.errors import DomainError, IdempotencyConflict, UnknownSubscriber
+from storage.errors import DomainError, IdempotencyConflict
 from storage.models import (
     CodeBatch,
     CodeFailure,
@@ -45,9 +45,9 @@ from storage.models import (
     Issue,
     PassPeriod,
     RedemptionCode,
-    Subscriber,
     utcnow,
 )
+from storage.subscribers import lock_subscriber
 
 ALPHABET = "23456789ABCDEFGHJKMNPQRSTUVWXYZ"  # 31 symbols, no 0/O/1/I/L; 31 is prime
 BASE = len(ALPHABET)
@@ -74,7 +74,6 @@ _USE: Table = CodeRedemption.__table__  # type: ignore[attr-defined]
 _FAILURE: Table = CodeFailure.__table__  # type: ignore[attr-defined]
 _FREEZE: Table = CodeFreeze.__table__  # type: ignore[attr-defined]
 _ENT: Table = Entitlement.__table__  # type: ignore[attr-defined]
-_SUB: Table = Subscriber.__table__  # type: ignore[attr-defined]
 
 
 class InvalidBatch(DomainError):
@@ -283,25 +282,16 @@ class _Found:
     batch: CodeBatch
 
 
-# The subscriber's row lock (as storage.subscribers.lock_subscriber takes it: redeem and pass
-# grants take the same, so one reader's unlocks, codes and passes are decided one after
-# another) and their freeze, in one round trip.
-_LOCK_AND_FREEZE = (
-    sa_select(_SUB.c.balance, _FREEZE.c.until)
-    .select_from(_SUB.outerjoin(_FREEZE, _FREEZE.c.openid == _SUB.c.openid))
-    .where(_SUB.c.openid == bindparam("openid"))
-    .with_for_update(of=_SUB)
-)
-
-
 def _lock(session: Session, openid: str) -> tuple[int, datetime | None]:
-    """Balance and freeze end of ``openid``, holding their row lock until COMMIT."""
-    if session.autoflush:
-        session.flush()
-    row = session.connection().execute(_LOCK_AND_FREEZE, {"openid": openid}).first()
-    if row is None:
-        raise UnknownSubscriber(openid)
-    return int(row.balance), row.until
+    """Balance and freeze end of ``openid``, holding their row lock until COMMIT (the lock
+    redeem and pass grants take too: one reader's unlocks, codes and passes are decided one
+    after another). The freeze is read by a statement of its own, after the lock is granted:
+    under READ COMMITTED the locking statement's snapshot predates the wait, so a freeze
+    committed by the transaction we waited for would be missed."""
+    balance = lock_subscriber(session, openid=openid)
+    until = session.connection().execute(
+        sa_select(_FREEZE.c.until).where(_FREEZE.c.openid == openid)).scalar()
+    return balance, until
 
 
 _BATCH_COLUMNS = [c.label(f"b_{c.name}") for c in _BATCH.c]
