@@ -44,7 +44,6 @@ from storage.errors import (
 )
 from storage.models import Entitlement, Issue, LedgerEntry, Subscriber, utcnow
 from storage.sql import scalar
-from storage.subscribers import require_subscriber
 
 CreditKind = Literal["topup", "adjust"]
 
@@ -134,37 +133,8 @@ def credit(
                             problem="over_limit", amount=amount, limit=max_topup)
     if not reason.strip():
         raise InvalidAmount("a reason is required", problem="no_reason")
-    def matches(e: LedgerEntry) -> bool:
-        return _same_action(e, openid=openid, kind=kind, amount=amount, issue_number=None,
-                            reason=reason)
-
-    existing = _by_key(session, key)
-    if existing is not None:
-        if not matches(existing):
-            raise IdempotencyConflict(key, _describe(existing))
-        return LedgerResult(existing, replayed=True)
-
-    sub = require_subscriber(session, openid=openid)
-    try:
-        with session.begin_nested():
-            new_balance = _apply_delta(session, openid=openid, amount=amount)
-            if new_balance is None:
-                raise InsufficientBalance(needed=-amount, balance=sub.balance)
-            entry = LedgerEntry(
-                openid=openid, amount=amount, kind=kind, idempotency_key=key,
-                operator=operator, reason=reason, balance_after=new_balance, created_at=utcnow(),
-            )
-            session.add(entry)
-            session.flush()
-    except IntegrityError:
-        # A concurrent transaction committed the same key first: answer with its result.
-        winner = _by_key(session, key)
-        if winner is None:
-            raise
-        if not matches(winner):
-            raise IdempotencyConflict(key, _describe(winner)) from None
-        return LedgerResult(winner, replayed=True)
-    return LedgerResult(entry, replayed=False)
+    return post(session, openid=openid, amount=amount, kind=kind, key=key, reason=reason,
+                operator=operator, same_reason=True)
 
 
 EntryKind = Literal["topup", "adjust", "redeem", "code", "pass", "gift", "refund"]
@@ -183,13 +153,15 @@ def post(
     code_batch_id: int | None = None,
     refers_to: int | None = None,
     operator: str | None = None,
+    same_reason: bool = False,
 ) -> LedgerResult:
     """Write one entry and move the cached balance with it, inside a savepoint: the building
     block of codes, passes, gifts and refunds (each adds its own rows in the same transaction).
 
     Raises InsufficientBalance (nothing written) when a debit would go below zero,
     IdempotencyConflict when ``key`` was used for another action; a key used for this very
-    action returns the first entry with ``replayed`` set. The caller validates the amount."""
+    action returns the first entry with ``replayed`` set (``same_reason``: only if the reason
+    matches too, as for operator top-ups). The caller validates the amount."""
     if abs(amount) > MAX_ABS_AMOUNT or amount == 0:
         raise InvalidAmount(f"{kind} {amount} is not a usable amount",
                             problem="too_large" if amount else "zero", amount=amount,
@@ -197,7 +169,7 @@ def post(
 
     def matches(e: LedgerEntry) -> bool:
         return (_same_action(e, openid=openid, kind=kind, amount=amount,
-                             issue_number=issue_number, reason=None)
+                             issue_number=issue_number, reason=reason if same_reason else None)
                 and e.pass_id == pass_id and e.code_batch_id == code_batch_id
                 and e.refers_to == refers_to)
 
