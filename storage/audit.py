@@ -78,6 +78,10 @@ def problems(session: Session) -> list[Mismatch]:
     return found
 
 
+def _n(count: int, word: str, plural: str | None = None) -> str:
+    return f"{count} {word if count == 1 else plural or word + 's'}"
+
+
 def _grants(kind: str | None, tokens: int | None, issue: int | None,
             pass_id: str | None) -> str:
     if kind == "tokens":
@@ -299,9 +303,9 @@ def _codes(session: Session, flag: Flag) -> None:
             .order_by(c.id)).all():
         where = f"code #{code_id} of batch #{batch_id}"
         if n != used:
-            flag("", f"{where} counts {used} uses but has {n} code redemptions")
+            flag("", f"{where} counts {_n(used, 'use')} but has {_n(n, 'code redemption')}")
         if n > uses:
-            flag("", f"{where} has {n} code redemptions, more than its {uses} uses")
+            flag("", f"{where} has {_n(n, 'code redemption')}, more than its {_n(uses, 'use')}")
     credited = func.coalesce(func.sum(e.amount), 0)
     for batch_id, count, uses, tokens, total in session.execute(
             sa_select(b.id, b.count, b.uses, b.tokens, credited)
@@ -310,8 +314,9 @@ def _codes(session: Session, flag: Flag) -> None:
             .group_by(b.id, b.count, b.uses, b.tokens)
             .having(credited > b.count * b.uses * b.tokens)
             .order_by(b.id)).all():
-        flag("", f"code batch #{batch_id} credited {total} tokens, more than its {count} codes "
-                 f"× {uses} uses × {tokens} tokens = {count * uses * tokens}")
+        flag("", f"code batch #{batch_id} credited {total} tokens, more than its "
+                 f"{_n(count, 'code')} × {_n(uses, 'use')} × {tokens} tokens = "
+                 f"{count * uses * tokens}")
 
 
 # --- passes ----------------------------------------------------------------------------------
@@ -404,7 +409,7 @@ def _passes(session: Session, flag: Flag) -> None:
         periods = from_codes.get(int(redemption_id), [])
         if len(periods) != 1:
             flag(openid, f"code redemption #{redemption_id} of batch #{batch_id} (pass "
-                         f"{pass_id}) has {len(periods)} pass periods, not one")
+                         f"{pass_id}) has {_n(len(periods), 'pass period')}, not one")
     target = aliased(_ENTRY)
     for refund_id, openid, purchase in session.execute(
             sa_select(e.id, e.openid, target.c.id)
@@ -454,13 +459,14 @@ def _gifts(session: Session, flag: Flag) -> None:
             flag(giver, f"{where} grants {grants} but its payment #{row.entry} was for "
                         f"{paid_for}")
         if (row.codes, row.uses) != (1, 1):
-            flag(giver, f"{where} has {row.codes} codes × {row.uses} uses; a gift is one "
-                        "single-use code")
+            flag(giver, f"{where} has {_n(row.codes, 'code')} × {_n(row.uses, 'use')}; a gift "
+                        "is one single-use code")
     for entry_id, openid in session.execute(
             sa_select(e.id, e.openid).where(e.kind == "gift").order_by(e.id)).all():
         batches = paid.get(int(entry_id), [])
         if len(batches) != 1:
-            flag(openid, f"gift payment #{entry_id} has {len(batches)} gift codes, not one")
+            codes = _n(len(batches), "gift batch", "gift batches")
+            flag(openid, f"gift payment #{entry_id} has {codes}, not one")
 
 
 # --- refunds ---------------------------------------------------------------------------------

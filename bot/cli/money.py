@@ -35,7 +35,7 @@ from bot.cli.base import (
     whole_number,
 )
 from handlers.numbers import parse_int
-from storage import ledger, subscribers
+from storage import audit, ledger, subscribers
 from storage.db import transaction
 from storage.errors import (
     IdempotencyConflict,
@@ -265,25 +265,31 @@ def adjust(
 
 @ledger_app.command("check")
 def ledger_check(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
-    """Every cached balance against the sum of its ledger entries; every unlock against its
-    charge."""
+    """Every cached balance against the sum of its ledger entries; every unlock, code, pass,
+    gift and refund against its source; the revenue totals against the ledger."""
     settings = _settings(ctx, config)
     with _database(settings) as engine, transaction(engine) as session:
         problems = ledger.check(session)
+        totals = audit.totals(session)
         users = subscribers.count_subscribers(session)
         entries = ledger.count_entries(session)
+    unit = settings.tokens.name
     if as_json:
         _dump({"ok": not problems, "users": users, "entries": entries,
-               "mismatches": [{"openid": p.openid, "cached": p.cached, "ledger": p.ledger,
-                               "problem": p.problem} for p in problems]})
+               "totals": {"in": totals.tokens_in, "spent": totals.tokens_spent,
+                          "entries": totals.entries, "balances": totals.balances},
+               "mismatches": [{"openid": p.openid or None, "cached": p.cached,
+                               "ledger": p.ledger, "problem": p.problem} for p in problems]})
     elif not problems:
-        out.print(f"ledger OK: {_plural(users, 'user')}, {_plural(entries, 'entry', 'entries')}",
-                  markup=False)
+        out.print(f"ledger OK: {_plural(users, 'user')}, {_plural(entries, 'entry', 'entries')}"
+                  f"; in {totals.tokens_in} − spent {totals.tokens_spent} = {totals.entries} "
+                  f"{unit} = the sum of all entries = the sum of all balances", markup=False,
+                  soft_wrap=True)
     else:
         for p in problems:
             amounts = f" (cached {p.cached}, ledger {p.ledger})" if p.about_balance else ""
-            err.print(f"{p.openid}: {p.problem}{amounts}", style="red", markup=False,
-                      soft_wrap=True)
+            err.print(f"{p.openid}: {p.problem}{amounts}" if p.openid else p.problem,
+                      style="red", markup=False, soft_wrap=True)
         err.print(f"ledger MISMATCH: {_plural(len(problems), 'problem')} across "
                   f"{_plural(users, 'user')}, {_plural(entries, 'entry', 'entries')}",
                   style="bold red", markup=False)
