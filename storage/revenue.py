@@ -211,11 +211,10 @@ def _gifts(session: Session, since: datetime | None) -> list[GiftLine]:
                   func.count().filter(_ENTRY.c.id.in_(redeemed)),
                   -func.sum(_ENTRY.c.amount))
         .where(_ENTRY.c.kind == "gift", _window(since, _ENTRY.c.created_at))
-        .group_by(_ENTRY.c.issue_number, _ENTRY.c.pass_id)
-        .order_by(_ENTRY.c.issue_number, _ENTRY.c.pass_id)).all()
-    return [GiftLine(issue_number=issue, pass_id=pass_id, bought=int(n),
-                     redeemed=int(done or 0), tokens=int(tokens))
-            for issue, pass_id, n, done, tokens in rows]
+        .group_by(_ENTRY.c.issue_number, _ENTRY.c.pass_id)).all()
+    return sorted((GiftLine(issue_number=issue, pass_id=pass_id, bought=int(n),
+                            redeemed=int(done or 0), tokens=int(tokens))
+                   for issue, pass_id, n, done, tokens in rows), key=_issues_then_passes)
 
 
 def _refunds(session: Session, since: datetime | None) -> list[RefundLine]:
@@ -227,9 +226,14 @@ def _refunds(session: Session, since: datetime | None) -> list[RefundLine]:
         sa_select(issue, pass_id, func.count(), func.sum(_ENTRY.c.amount))
         .select_from(_ENTRY.outerjoin(original, original.c.id == _ENTRY.c.refers_to))
         .where(_ENTRY.c.kind == "refund", _window(since, _ENTRY.c.created_at))
-        .group_by(issue, pass_id).order_by(issue, pass_id)).all()
-    return [RefundLine(issue_number=i, pass_id=p, count=int(n), tokens=int(t))
-            for i, p, n, t in rows]
+        .group_by(issue, pass_id)).all()
+    return sorted((RefundLine(issue_number=i, pass_id=p, count=int(n), tokens=int(t))
+                   for i, p, n, t in rows), key=_issues_then_passes)
+
+
+def _issues_then_passes(line: GiftLine | RefundLine) -> tuple[bool, int, str]:
+    """Issues by number, then passes by id (SQL sorts NULL first or last by dialect)."""
+    return (line.issue_number is None, line.issue_number or 0, line.pass_id or "")
 
 
 def as_json(rev: Revenue) -> dict[str, Any]:
