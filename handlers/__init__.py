@@ -8,6 +8,7 @@ from handlers import admin, balance, broadcast_events, help, issue, preview, red
 from handlers.config import ChatConfig
 from handlers.errors import explain
 from handlers.router import Context, Incoming, Reply, Router, Text, reads_only_route
+from handlers.selling import ways_to_get
 from storage.errors import DomainError
 
 ROUTERS: tuple[Router, ...] = (
@@ -43,5 +44,5 @@ def dispatch(ctx: Context, msg: Incoming, routers: tuple[Router, ...] = ROUTERS)
                 reply = handled
                 break
     except DomainError as err:
-        reply = Text(explain(err, unit=ctx.unit, topup_hint=ctx.config.how_to_get))
+        reply = Text(explain(err, unit=ctx.unit, topup_hint=ways_to_get(ctx.config)))
     return broadcast_events.with_new_issue_note(ctx, msg, reply)
