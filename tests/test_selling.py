@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import bottle
 import httpx
 import pytest
 from sqlalchemy import Engine, text
+from typer.testing import CliRunner
 
 from bot.app import create_app
+from bot.cli import app as cli_app
 from bot.settings import Settings
 from bot.web.links import READER_PREFIX
 from bot.wechat.webhook import Webhook
@@ -238,3 +241,29 @@ def test_help_lists_the_selling_features_that_are_on(
     assert ("兑换码" in content) == codes and ("会员卡" in content) == with_passes
     assert ("赠送" in content) == codes
     assert len(content.encode()) <= REPLY_LIMIT_BYTES
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+
+def test_the_example_config_documents_passes_and_codes() -> None:
+    from bot.settings import load_settings
+    from tests.conftest import ROOT
+
+    example = load_settings(ROOT / "config.example.toml")
+    assert [(p.id, p.name, p.days) for p in example.passes] == [("month", "月卡", 30),
+                                                                 ("year", "年卡", 365)]
+    assert example.codes.secret.startswith("CHANGE-ME") and not example.codes.enabled
+    assert (example.codes.max_failures, example.codes.failure_window_minutes,
+            example.codes.freeze_minutes) == (5, 10, 60)
+
+
+def test_serve_refuses_the_example_codes_secret(tmp_path: Path, db_url: str) -> None:
+    """A copied example must not sell with codes silently off."""
+    config = tmp_path / "config.toml"
+    config.write_text(f'[wechat]\ntoken = "t"\n[database]\nurl = "{db_url}"\n[reader]\n'
+                      'secret = "test-reader-secret-0123456789"\n[codes]\n'
+                      'secret = "CHANGE-ME-codes-secret"\n', encoding="utf-8")
+    done = CliRunner().invoke(cli_app, ["serve", "--config", str(config)])
+    assert done.exit_code == 2
+    assert "[codes] secret still holds the example placeholder" in done.stderr
