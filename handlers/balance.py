@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from handlers import gifts
 from handlers.format import ledger_line
 from handlers.router import Context, Incoming, Reply, Router, Text, reads_only
 from storage import ledger
@@ -24,6 +25,7 @@ def balance(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
         lines += [ledger_line(e, ctx.unit) for e in entries]
     else:
         lines.append("还没有任何记录。")
+    lines += gifts.status_lines(ctx, msg.openid)
     lines.append("")
     lines.append(ctx.config.how_to_get)
     return Text("\n".join(lines))

@@ -152,7 +152,8 @@ def _with_topics(issue: IssuePreview, head: list[str], tail: list[str], *, headi
     return found if found is not None else fit_bytes("\n".join(head + tail))
 
 
-_KIND_LABELS = {"topup": "充值", "adjust": "调整", "redeem": "兑换"}
+_KIND_LABELS = {"topup": "充值", "adjust": "调整", "redeem": "兑换", "code": "兑换码",
+                "gift": "赠送"}
 
 
 def ledger_line(entry: LedgerEntry, unit: str) -> str:
