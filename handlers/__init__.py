@@ -4,7 +4,17 @@ every message gets an answer."""
 
 from __future__ import annotations
 
-from handlers import admin, balance, broadcast_events, help, issue, preview, redeem, subscription
+from handlers import (
+    admin,
+    balance,
+    broadcast_events,
+    help,
+    issue,
+    passes,
+    preview,
+    redeem,
+    subscription,
+)
 from handlers.config import ChatConfig
 from handlers.errors import explain
 from handlers.router import Context, Incoming, Reply, Router, Text, reads_only_route
@@ -18,6 +28,7 @@ ROUTERS: tuple[Router, ...] = (
     preview.router,
     redeem.router,
     balance.router,
+    passes.router,
     help.router,
 )
 
