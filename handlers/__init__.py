@@ -12,6 +12,7 @@ from handlers import (
     gifts,
     help,
     issue,
+    passes,
     preview,
     redeem,
     subscription,
@@ -31,6 +32,7 @@ ROUTERS: tuple[Router, ...] = (
     codes.router,  # after redeem: 兑换 3 is an unlock, 兑换 XXXX-… a code
     gifts.router,
     balance.router,
+    passes.router,
     help.router,
 )
 

@@ -6,6 +6,7 @@ import re
 
 from handlers import gifts
 from handlers.format import ledger_line
+from handlers.passes import status_lines
 from handlers.router import Context, Incoming, Reply, Router, Text, reads_only
 from storage import ledger
 
@@ -18,7 +19,7 @@ router = Router("balance")
 def balance(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
     amount = ledger.get_balance(ctx.session, openid=msg.openid)
     entries = ledger.recent_entries(ctx.session, openid=msg.openid, limit=5)
-    lines = [f"💰 你的余额：{amount} {ctx.unit}"]
+    lines = [f"💰 你的余额：{amount} {ctx.unit}", *status_lines(ctx, msg.openid)]
     if entries:
         lines.append("")
         lines.append("最近记录：")
