@@ -26,6 +26,7 @@ import logging
 import re
 import secrets
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -358,7 +359,7 @@ class FakeWeChatPay:
         self._busy = 0
         self._stopping = False
         self._scheduler: threading.Thread | None = None
-        self._http = httpx.Client(timeout=5.0)
+        self._http = _notify_client()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -390,7 +391,7 @@ class FakeWeChatPay:
                 thread.join(timeout=5)
         self._server = self._thread = self._scheduler = None
         self._http.close()
-        self._http = httpx.Client(timeout=5.0)
+        self._http = _notify_client()
 
     def __enter__(self) -> FakeWeChatPay:
         return self.start()
@@ -704,8 +705,10 @@ class FakeWeChatPay:
         if misbehaviour in ("signtest", "unknown_serial"):
             probe: Literal["signtest", "unknown_serial"] = misbehaviour
             self._at(0, lambda: self._spawn(notice, 0, kind=probe, retry=False))
-        for copy in range(max(1, self.notify_copies)):
-            barrier = threading.Barrier(2) if self.simultaneous and copy < 2 else None
+        copies = max(1, self.notify_copies)
+        pair = threading.Barrier(2) if self.simultaneous and copies >= 2 else None
+        for copy in range(copies):
+            barrier = pair if copy < 2 else None
             delay = 0.0 if barrier else copy * self.duplicate_gap_s
             self._at(delay, functools.partial(self._spawn, notice, 0, barrier=barrier))
 
@@ -861,6 +864,16 @@ class FakeWeChatPay:
             return {"orders": {no: o.state for no, o in self.orders.items()},
                     "refunds": {no: r.status for no, r in self.refunds.items()},
                     "deliveries": len(self.deliveries)}
+
+
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    # Building a context costs ~80 ms; tests start many fakes.
+    return ssl.create_default_context()
+
+
+def _notify_client() -> httpx.Client:
+    return httpx.Client(timeout=5.0, verify=_tls())
 
 
 def _json_body(raw: bytes) -> JSONDict:
