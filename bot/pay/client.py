@@ -233,7 +233,9 @@ class PayClient:
     def create_jsapi_order(self, *, out_trade_no: str, description: str, total_fen: int,
                            openid: str, notify_url: str, time_expire: datetime,
                            attach: str | None = None) -> str:
-        """Place a JSAPI order (paid inside WeChat by ``openid``); the prepay_id."""
+        """Place a JSAPI order (paid inside WeChat by ``openid``); the prepay_id. Placing it
+        again is safe only with identical arguments (store ``time_expire`` with the order):
+        WeChat answers the same prepay_id, and refuses a different body under that number."""
         body = self._order_body(out_trade_no, description, total_fen, notify_url, time_expire,
                                 attach)
         body["payer"] = {"openid": openid}

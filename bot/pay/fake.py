@@ -276,6 +276,10 @@ class _Fault:
     seconds: float = 0.0
 
 
+_FAULT_GROUP: Final = {"delay": "delay", "status": "error", "after": "error",
+                       "forge_key": "forge", "forge_body": "forge"}
+
+
 @dataclass
 class _Notice:
     """A notification to deliver: fixed body, re-signed on every attempt as WeChat does."""
@@ -443,13 +447,14 @@ class FakeWeChatPay:
             self._faults.append(fault)
 
     def _take_faults(self, path: str) -> list[_Fault]:
-        """The faults that apply to this request, each used up once (one per kind)."""
+        """The faults that apply to this request, each used up once: at most one delay,
+        one error and one forgery, in the order they were queued."""
         taken: list[_Fault] = []
         with self._lock:
             for fault in list(self._faults):
                 if fault.path is not None and not path.startswith(fault.path):
                     continue
-                if any(t.kind == fault.kind for t in taken):
+                if any(_FAULT_GROUP[t.kind] == _FAULT_GROUP[fault.kind] for t in taken):
                     continue
                 taken.append(fault)
                 fault.times -= 1
