@@ -4,7 +4,19 @@ every message gets an answer."""
 
 from __future__ import annotations
 
-from handlers import admin, balance, broadcast_events, help, issue, preview, redeem, subscription
+from handlers import (
+    admin,
+    balance,
+    broadcast_events,
+    codes,
+    gifts,
+    help,
+    issue,
+    passes,
+    preview,
+    redeem,
+    subscription,
+)
 from handlers.config import ChatConfig
 from handlers.errors import explain
 from handlers.router import Context, Incoming, Reply, Router, Text, reads_only_route
@@ -18,7 +30,10 @@ ROUTERS: tuple[Router, ...] = (
     issue.router,
     preview.router,
     redeem.router,
+    codes.router,  # after redeem: 兑换 3 is an unlock, 兑换 XXXX-… a code
+    gifts.router,
     balance.router,
+    passes.router,
     help.router,
 )
 

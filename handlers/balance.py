@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 
+from handlers import gifts
 from handlers.format import ledger_line
+from handlers.passes import status_lines
 from handlers.router import Context, Incoming, Reply, Router, Text, reads_only
 from handlers.selling import ways_to_get
 from storage import ledger
@@ -18,13 +20,14 @@ router = Router("balance")
 def balance(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
     amount = ledger.get_balance(ctx.session, openid=msg.openid)
     entries = ledger.recent_entries(ctx.session, openid=msg.openid, limit=5)
-    lines = [f"💰 你的余额：{amount} {ctx.unit}"]
+    lines = [f"💰 你的余额：{amount} {ctx.unit}", *status_lines(ctx, msg.openid)]
     if entries:
         lines.append("")
         lines.append("最近记录：")
         lines += [ledger_line(e, ctx.unit) for e in entries]
     else:
         lines.append("还没有任何记录。")
+    lines += gifts.status_lines(ctx, msg.openid)
     lines.append("")
     lines.append(ctx.config.how_to_get)
     return Text("\n".join(lines))

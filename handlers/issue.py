@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from handlers import passes
 from handlers.format import fit_bytes, issue_card, issue_heading
 from handlers.numbers import ISSUE_NUMBER
 from handlers.router import Context, Incoming, Reply, Router, Text, issue_arg, reads_only
@@ -28,10 +29,12 @@ def card_for(ctx: Context, openid: str, number: int | None, *, lead: str = "") -
     standing = ctx.standing(openid, preview.number)
     if not standing.known:
         raise UnknownSubscriber(openid)
+    covering = (passes.covering_note(ctx, openid, preview.number)
+                if standing.unlocked and not preview.is_free else None)
     return issue_card(preview, unit=ctx.unit, balance=standing.balance,
                       unlocked=standing.unlocked, lead=lead,
                       link=ctx.make_link(openid, preview.number) if preview.is_free else None,
-                      how_to_get=ways_to_get(ctx.config))
+                      how_to_get=ways_to_get(ctx.config), pass_note=covering)
 
 
 @router.command(r"本周|最新|latest|本期|this week")

@@ -37,21 +37,26 @@ SAMPLE_ISSUE = ROOT / "bot" / "sample" / "issue-001.md"
 SAMPLE_DRAFT = ROOT / "bot" / "sample" / "issue-002.md"
 TOKEN = "test-wechat-token"
 OPERATOR = "o_operator_0001"
+CODES_SECRET = "test-codes-secret-0123456789"
 
 # Read at import: test modules clear NEWSBOT_* from the environment before their tests run.
 TEST_DATABASE_URL = os.environ.get("NEWSBOT_TEST_DATABASE_URL") or None
 ON_POSTGRES = TEST_DATABASE_URL is not None
 
 
-def make_settings(**sections: dict[str, Any]) -> Settings:
+def make_settings(**sections: dict[str, Any] | list[dict[str, Any]]) -> Settings:
     data: dict[str, Any] = {
         "wechat": {"token": TOKEN},
         "reader": {"secret": "test-reader-secret-0123456789"},
         "server": {"public_url": "http://testserver"},
         "operators": {"openids": [OPERATOR]},
+        "codes": {"secret": CODES_SECRET},
     }
     for name, table in sections.items():
-        data.setdefault(name, {}).update(table)
+        if isinstance(table, list):  # an array of tables: [[passes]]
+            data[name] = table
+        else:
+            data.setdefault(name, {}).update(table)
     return Settings.model_validate(data)
 
 

@@ -1,0 +1,545 @@
+"""Redemption codes (兑换码): making batches, and redeeming a code exactly once per subscriber.
+
+A code is 15 random symbols of ``ALPHABET`` (31**15 ≈ 2**74) and one check symbol, shown as
+``XXXX-XXXX-XXXX-XXXX``. The check symbol is the sum of the symbols' values weighted 1..15,
+mod 31: as 31 is prime and every weight (and every distance between two weights, and the
+check's own place) is below it, any single wrong symbol and any swap of two symbols changes
+the sum, so a mistyped code is told apart from a wrong one without a look-up.
+
+Only an HMAC of the canonical code under ``[codes] secret`` is stored: a dump of the database
+gives away no code that can still be used.
+
+Redeeming takes the subscriber's row lock, then claims one use with a conditional UPDATE
+(``used < uses``) and records the subscriber's use under a unique (code, subscriber) key, all
+in one savepoint with the grant itself, so a code is never used more than its uses, never twice
+by one subscriber, and never used without its grant. Every failed attempt is a row of its own,
+counted per subscriber; too many in the window freeze that subscriber's attempts, and a frozen
+subscriber's text is not even looked at, so a real code sent meanwhile stays unused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import unicodedata
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from sqlalchemy import Table, func, insert
+from sqlalchemy import select as sa_select
+from sqlalchemy import update as sa_update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from storage import ledger, passes
+from storage.errors import DomainError, IdempotencyConflict
+from storage.models import (
+    CodeBatch,
+    CodeFailure,
+    CodeFreeze,
+    CodeRedemption,
+    Entitlement,
+    Issue,
+    PassPeriod,
+    RedemptionCode,
+    utcnow,
+)
+from storage.subscribers import lock_subscriber
+
+ALPHABET = "23456789ABCDEFGHJKMNPQRSTUVWXYZ"  # 31 symbols, no 0/O/1/I/L; 31 is prime
+BASE = len(ALPHABET)
+RANDOM_SYMBOLS = 15
+CODE_LENGTH = RANDOM_SYMBOLS + 1
+_VALUE = {ch: i for i, ch in enumerate(ALPHABET)}
+# What people type between groups: spaces and every dash a phone keyboard offers.
+SEPARATORS = " \t\u3000-‐‑‒–—―ー_"
+_STRIP = str.maketrans("", "", SEPARATORS)
+_SHAPE = re.compile(f"[{ALPHABET}]{{{CODE_LENGTH}}}")
+# A batch larger than this is a typo (or a disk filled for nothing): make several.
+MAX_COUNT = 1_000_000
+
+BatchKind = Literal["tokens", "issue", "pass"]
+Status = Literal["granted", "already_owned", "own_gift", "typo", "malformed", "unknown",
+                 "used_up", "already_used", "expired", "revoked", "frozen", "disabled"]
+# Refusals that count towards the freeze (own_gift and already_owned are no guesses).
+FAILURES: frozenset[str] = frozenset(
+    {"typo", "malformed", "unknown", "used_up", "already_used", "expired", "revoked"})
+
+_BATCH: Table = CodeBatch.__table__  # type: ignore[attr-defined]
+_CODE: Table = RedemptionCode.__table__  # type: ignore[attr-defined]
+_USE: Table = CodeRedemption.__table__  # type: ignore[attr-defined]
+_FAILURE: Table = CodeFailure.__table__  # type: ignore[attr-defined]
+_FREEZE: Table = CodeFreeze.__table__  # type: ignore[attr-defined]
+_ENT: Table = Entitlement.__table__  # type: ignore[attr-defined]
+
+
+class InvalidBatch(DomainError):
+    """``create_batch`` refused its arguments; ``field`` names the one at fault."""
+
+    def __init__(self, message: str, *, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+# --------------------------------------------------------------------------- the code itself
+
+
+def _check_symbol(body: str) -> str:
+    return ALPHABET[sum(w * _VALUE[ch] for w, ch in enumerate(body, start=1)) % BASE]
+
+
+def canonical(text: str) -> str | None:
+    """The code in ``text`` as stored-and-hashed: full-width to ASCII, spaces and dashes
+    removed, upper case. None when that is not 16 symbols of ``ALPHABET``."""
+    code = unicodedata.normalize("NFKC", text).translate(_STRIP).upper()
+    return code if _SHAPE.fullmatch(code) else None
+
+
+def check_ok(code: str) -> bool:
+    """Whether a canonical code's last symbol is its check symbol (False: a typo)."""
+    return _check_symbol(code[:RANDOM_SYMBOLS]) == code[RANDOM_SYMBOLS]
+
+
+def display(code: str) -> str:
+    """XXXX-XXXX-XXXX-XXXX."""
+    return "-".join(code[i:i + 4] for i in range(0, len(code), 4))
+
+
+def digest(secret: bytes, code: str) -> str:
+    """HMAC-SHA256 (hex) of the canonical code: the only form of a code that is stored."""
+    return hmac.new(secret, code.encode("ascii"), hashlib.sha256).hexdigest()
+
+
+def _from_number(n: int) -> str:
+    symbols = []
+    for _ in range(RANDOM_SYMBOLS):
+        n, r = divmod(n, BASE)
+        symbols.append(ALPHABET[r])
+    body = "".join(symbols)
+    return body + _check_symbol(body)
+
+
+def new_code() -> str:
+    """A fresh random canonical code. One ``randbelow(31**15)`` is the same as fifteen
+    ``secrets.choice(ALPHABET)`` (each base-31 digit of a uniform number is uniform and
+    independent), at a fifteenth of the cost."""
+    return _from_number(secrets.randbelow(BASE ** RANDOM_SYMBOLS))
+
+
+def derived_code(secret: bytes, label: str) -> str:
+    """A canonical code computed from ``secret`` and ``label`` (a gift's ledger key), so the
+    same label always gives the same code back (see storage.gifts for the trade-off)."""
+    n = int.from_bytes(hmac.new(secret, label.encode("utf-8"), hashlib.sha256).digest(), "big")
+    return _from_number(n % BASE ** RANDOM_SYMBOLS)  # 256 bits mod 2**74: no visible bias
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@dataclass(frozen=True)
+class NewBatch:
+    batch: CodeBatch
+    codes: list[str]  # display form, shown once: only their digests are kept
+
+
+def _validate(*, kind: str, count: int, uses: int, tokens: int | None,
+              issue_number: int | None, pass_id: str | None, pass_days: int | None,
+              expires_at: datetime | None, now: datetime) -> None:
+    if not 1 <= count <= MAX_COUNT:
+        raise InvalidBatch(f"count must be between 1 and {MAX_COUNT:,}, got {count:,}",
+                           field="count")
+    if uses < 1:
+        raise InvalidBatch(f"uses must be at least 1, got {uses}", field="uses")
+    given = {"tokens": tokens, "issue": issue_number, "pass": pass_id}
+    if kind not in given:
+        raise InvalidBatch(f"unknown batch kind {kind!r}", field="kind")
+    extra = [k for k, v in given.items() if v is not None and k != kind]
+    if given[kind] is None or extra:
+        raise InvalidBatch(f"a {kind} batch grants exactly one thing", field="kind")
+    if kind == "tokens" and (tokens is None or not 1 <= tokens <= ledger.MAX_ABS_AMOUNT):
+        raise InvalidBatch(f"tokens must be a positive whole number, got {tokens}",
+                           field="tokens")
+    if kind == "pass" and (pass_days is None or pass_days < 1):
+        raise InvalidBatch(f"a pass batch needs its days (>= 1), got {pass_days}",
+                           field="pass_days")
+    if expires_at is not None and expires_at <= now:
+        raise InvalidBatch(f"the expiry {expires_at.isoformat()} is in the past",
+                           field="expires_at")
+
+
+def create_batch(
+    session: Session,
+    *,
+    secret: bytes,
+    kind: BatchKind,
+    count: int,
+    uses: int = 1,
+    tokens: int | None = None,
+    issue_number: int | None = None,
+    pass_id: str | None = None,
+    pass_days: int | None = None,
+    expires_at: datetime | None = None,
+    label: str = "",
+    giver: str | None = None,
+    gift_entry_id: int | None = None,
+    created_by: str | None = None,
+    now: datetime | None = None,
+    codes: list[str] | None = None,
+) -> NewBatch:
+    """One batch of ``count`` new codes, each usable by ``uses`` different subscribers.
+
+    Raises InvalidBatch (nothing written) for a bad count, uses, grant or expiry, and for an
+    issue that does not exist. ``codes`` (canonical, for gifts) replaces the random ones.
+    The codes go in with one executemany, so 100,000 take about a second."""
+    now = now or utcnow()
+    if not secret:
+        raise InvalidBatch("codes are off: set [codes] secret", field="secret")
+    _validate(kind=kind, count=count, uses=uses, tokens=tokens, issue_number=issue_number,
+              pass_id=pass_id, pass_days=pass_days, expires_at=expires_at, now=now)
+    if kind == "issue" and session.connection().execute(
+            sa_select(Issue.__table__.c.id)  # type: ignore[attr-defined]
+            .where(Issue.__table__.c.number == issue_number)).first() is None:  # type: ignore[attr-defined]
+        raise InvalidBatch(f"there is no issue {issue_number}", field="issue_number")
+    if codes is None:
+        fresh: set[str] = set()
+        while len(fresh) < count:
+            fresh.add(new_code())
+        codes = list(fresh)
+    elif len(codes) != count or len(set(codes)) != count:
+        raise InvalidBatch("codes must be count distinct codes", field="codes")
+    batch = CodeBatch(kind=kind, tokens=tokens, issue_number=issue_number, pass_id=pass_id,
+                      pass_days=pass_days if kind == "pass" else None, count=count, uses=uses,
+                      label=label, expires_at=expires_at, giver=giver,
+                      gift_entry_id=gift_entry_id, created_by=created_by, created_at=now)
+    with session.begin_nested():  # a clash of digests (never seen) leaves no half batch
+        session.add(batch)
+        session.flush()
+        assert batch.id is not None
+        session.connection().execute(
+            insert(_CODE),
+            [{"batch_id": batch.id, "digest": digest(secret, c), "uses": uses, "used": 0}
+             for c in codes])
+    return NewBatch(batch, [display(c) for c in codes])
+
+
+# --------------------------------------------------------------------------- redeeming
+
+
+@dataclass(frozen=True)
+class CodeOutcome:
+    status: Status
+    balance: int
+    batch: CodeBatch | None = None
+    tokens: int | None = None  # granted
+    issue_number: int | None = None  # granted, or already owned
+    period: PassPeriod | None = None  # granted
+    frozen_until: datetime | None = None  # frozen, or frozen by this very failure
+    failures_left: int | None = None  # failures: attempts left before the freeze
+
+
+@dataclass(frozen=True)
+class _Found:
+    code_id: int
+    used: int
+    uses: int
+    revoked_at: datetime | None
+    used_by_me: bool
+    batch: CodeBatch
+
+
+def _frozen_until(session: Session, openid: str, now: datetime) -> datetime | None:
+    until = session.connection().execute(
+        sa_select(_FREEZE.c.until).where(_FREEZE.c.openid == openid)).scalar()
+    return until if until is not None and until > now else None
+
+
+def _find(session: Session, *, openid: str, code_digest: str) -> _Found | None:
+    row = session.connection().execute(
+        sa_select(_CODE.c.id, _CODE.c.used, _CODE.c.uses, _CODE.c.revoked_at, _CODE.c.batch_id,
+                  sa_select(_USE.c.id).where(_USE.c.code_id == _CODE.c.id,
+                                             _USE.c.openid == openid)
+                  .exists().label("mine"))
+        .where(_CODE.c.digest == code_digest)).first()
+    if row is None:
+        return None
+    batch = session.get(CodeBatch, row.batch_id)
+    assert batch is not None, f"code {row.id} of a missing batch {row.batch_id}"
+    return _Found(int(row.id), int(row.used), int(row.uses), row.revoked_at, bool(row.mine),
+                  batch)
+
+
+def _refusal(found: _Found, *, openid: str, now: datetime) -> Status | None:
+    """Why this code cannot be used by ``openid`` now, from what was read; None: it can."""
+    batch = found.batch
+    if found.revoked_at is not None or batch.revoked_at is not None:
+        return "revoked"
+    if batch.expires_at is not None and batch.expires_at <= now:
+        return "expired"
+    if found.used_by_me:
+        return "already_used"
+    if found.used >= found.uses:
+        return "used_up"
+    if batch.giver is not None and batch.giver == openid:
+        return "own_gift"
+    return None
+
+
+def _record_failure(session: Session, *, openid: str, reason: Status, now: datetime,
+                    rules: _Rules) -> tuple[int, datetime | None]:
+    """Count the failure; freeze when it is the last one allowed. Returns (attempts left,
+    the freeze's end if this failure froze the subscriber). Runs under the subscriber's lock."""
+    conn = session.connection()
+    conn.execute(insert(_FAILURE).values(openid=openid, reason=reason, at=now))
+    since = now - rules.window
+    last_freeze = conn.execute(
+        sa_select(_FREEZE.c.until).where(_FREEZE.c.openid == openid)).scalar()
+    if last_freeze is not None and last_freeze > since:
+        since = last_freeze  # failures before a served freeze are paid for
+    failures = int(conn.execute(
+        sa_select(func.count()).select_from(_FAILURE)
+        .where(_FAILURE.c.openid == openid, _FAILURE.c.at >= since)).scalar_one())
+    if failures < rules.max_failures:
+        return rules.max_failures - failures, None
+    until = now + rules.freeze
+    module = postgresql if conn.dialect.name == "postgresql" else sqlite
+    stmt = module.insert(_FREEZE).values(openid=openid, since=now, until=until,
+                                         failures=failures)
+    conn.execute(stmt.on_conflict_do_update(
+        index_elements=["openid"], set_={"since": now, "until": until, "failures": failures}))
+    return 0, until
+
+
+@dataclass(frozen=True)
+class _Rules:
+    max_failures: int
+    window: timedelta
+    freeze: timedelta
+
+
+class _Lost(Exception):
+    """The conditional claim of a use found the code used up or revoked meanwhile."""
+
+
+def redeem_code(
+    session: Session,
+    *,
+    openid: str,
+    text: str,
+    secret: bytes,
+    key: str,
+    max_failures: int = 5,
+    window: timedelta = timedelta(minutes=10),
+    freeze: timedelta = timedelta(hours=1),
+    now: datetime | None = None,
+) -> CodeOutcome:
+    """Redeem the code in ``text`` for ``openid``; ``key`` is the delivery's idempotency key
+    (a tokens credit is written under it).
+
+    Every refusal is an outcome, never an exception, so the caller's transaction commits the
+    failure that counts towards the freeze. Raises only UnknownSubscriber and what the grant
+    itself may raise (then nothing of the redemption is written)."""
+    now = now or utcnow()
+    if not secret:
+        return CodeOutcome("disabled", ledger.get_balance(session, openid=openid))
+    balance = lock_subscriber(session, openid=openid)
+    until = _frozen_until(session, openid, now)
+    if until is not None:  # the text is not even looked at: a real code stays unused
+        return CodeOutcome("frozen", balance, frozen_until=until)
+    rules = _Rules(max_failures, window, freeze)
+
+    def fail(status: Status, batch: CodeBatch | None = None) -> CodeOutcome:
+        left, frozen = _record_failure(session, openid=openid, reason=status, now=now,
+                                       rules=rules)
+        return CodeOutcome(status, balance, batch=batch, failures_left=left,
+                           frozen_until=frozen,
+                           issue_number=batch.issue_number if batch is not None else None)
+
+    code = canonical(text)
+    if code is None:
+        return fail("malformed")
+    if not check_ok(code):
+        return fail("typo")
+    found = _find(session, openid=openid, code_digest=digest(secret, code))
+    if found is None:
+        return fail("unknown")
+    batch = found.batch
+    refusal = _refusal(found, openid=openid, now=now)
+    if refusal == "own_gift":
+        return CodeOutcome("own_gift", balance, batch=batch, issue_number=batch.issue_number)
+    if refusal is not None:
+        return fail(refusal, batch)
+    if batch.kind == "issue" and batch.issue_number is not None and ledger.may_read(
+            session, openid=openid, issue_number=batch.issue_number):
+        return CodeOutcome("already_owned", balance, batch=batch,
+                           issue_number=batch.issue_number)
+    try:
+        return _grant(session, openid=openid, found=found, key=key, now=now)
+    except _Lost:
+        # Used up or revoked between our read and the claim (another subscriber won).
+        found = _find(session, openid=openid, code_digest=digest(secret, code))
+        assert found is not None
+        return fail(_refusal(found, openid=openid, now=now) or "used_up", batch)
+    except IntegrityError:
+        # uq_code_redemption: this subscriber's use was committed meanwhile (cannot happen
+        # under the row lock, but the unique key, not the lock, is the guarantee).
+        return fail("already_used", batch)
+
+
+def _grant(session: Session, *, openid: str, found: _Found, key: str,
+           now: datetime) -> CodeOutcome:
+    """Claim one use, record it and grant, in one savepoint: all of it or none."""
+    batch = found.batch
+    assert batch.id is not None
+    with session.begin_nested():
+        # Asked for inside the block: the session emits the SAVEPOINT only then.
+        conn = session.connection()
+        claimed = conn.execute(
+            sa_update(_CODE)
+            .where(_CODE.c.id == found.code_id, _CODE.c.used < _CODE.c.uses,
+                   _CODE.c.revoked_at.is_(None))
+            .values(used=_CODE.c.used + 1).returning(_CODE.c.used)).first()
+        if claimed is None:
+            raise _Lost
+        use: dict[str, Any] = {"code_id": found.code_id, "batch_id": batch.id,
+                               "openid": openid, "created_at": now}
+        if batch.kind == "tokens":
+            assert batch.tokens is not None
+            credit = ledger.post(session, openid=openid, amount=batch.tokens, kind="code",
+                                 key=key, reason=_reason(batch), code_batch_id=batch.id)
+            if credit.replayed:  # the key credited another code already: undo this claim
+                raise IdempotencyConflict(key, f"code credit #{credit.entry.id}")
+            conn.execute(insert(_USE).values(**use, ledger_entry_id=credit.entry.id))
+            return CodeOutcome("granted", credit.balance, batch=batch, tokens=batch.tokens)
+        use_id = int(conn.execute(insert(_USE).values(**use).returning(_USE.c.id)).scalar_one())
+        balance = ledger.get_balance(session, openid=openid)
+        if batch.kind == "issue":
+            conn.execute(insert(_ENT).values(openid=openid, issue_number=batch.issue_number,
+                                             ledger_entry_id=None, code_redemption_id=use_id,
+                                             created_at=now))
+            return CodeOutcome("granted", balance, batch=batch, issue_number=batch.issue_number)
+        assert batch.pass_id is not None and batch.pass_days is not None
+        granted = passes.grant(session, openid=openid, pass_id=batch.pass_id,
+                               days=batch.pass_days,
+                               source="gift" if batch.giver else "code", key=f"code:{use_id}",
+                               now=now, code_redemption_id=use_id, reason=_reason(batch))
+        return CodeOutcome("granted", balance, batch=batch, period=granted.period)
+
+
+def _reason(batch: CodeBatch) -> str:
+    # Shown to the subscriber in 余额 (handlers.format.ledger_line): no operator's label.
+    return f"{'礼品码' if batch.giver else '兑换码'} #{batch.id}"
+
+
+# --------------------------------------------------------------------------- operators
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    batch: CodeBatch
+    redeemed: int  # uses taken, over all codes
+    codes_used: int  # codes with at least one use
+    codes_revoked: int
+    tokens_granted: int
+
+    @property
+    def capacity(self) -> int:
+        return self.batch.count * self.batch.uses
+
+    def expired(self, now: datetime) -> bool:
+        return self.batch.expires_at is not None and self.batch.expires_at <= now
+
+
+def _summaries(session: Session, batch_filter: Any = None) -> list[BatchSummary]:
+    stmt = select(CodeBatch).order_by(col(CodeBatch.id))
+    if batch_filter is not None:
+        stmt = stmt.where(batch_filter)
+    batches = list(session.exec(stmt).all())
+    if not batches:
+        return []
+    ids = [b.id for b in batches]
+    stats = {int(r.batch_id): r for r in session.connection().execute(
+        sa_select(_CODE.c.batch_id, func.coalesce(func.sum(_CODE.c.used), 0).label("used"),
+                  func.count().filter(_CODE.c.used > 0).label("codes_used"),
+                  func.count().filter(_CODE.c.revoked_at.is_not(None)).label("revoked"))
+        .where(_CODE.c.batch_id.in_(ids)).group_by(_CODE.c.batch_id)).all()}
+    out = []
+    for b in batches:
+        assert b.id is not None
+        r = stats.get(b.id)
+        used = int(r.used) if r else 0
+        out.append(BatchSummary(
+            b, redeemed=used, codes_used=int(r.codes_used) if r else 0,
+            codes_revoked=b.count if b.revoked_at is not None else int(r.revoked) if r else 0,
+            tokens_granted=used * (b.tokens or 0) if b.kind == "tokens" else 0))
+    return out
+
+
+def list_batches(session: Session, *, gifts: bool = True) -> list[BatchSummary]:
+    """Every batch with its counts, oldest first (gift batches too unless ``gifts`` is off)."""
+    return _summaries(session, None if gifts else col(CodeBatch.giver).is_(None))
+
+
+def batch_summary(session: Session, *, batch_id: int) -> BatchSummary | None:
+    found = _summaries(session, col(CodeBatch.id) == batch_id)
+    return found[0] if found else None
+
+
+@dataclass(frozen=True)
+class CodeInfo:
+    code_id: int
+    uses: int
+    used: int
+    revoked_at: datetime | None
+    batch: CodeBatch
+    redeemed_by: list[tuple[str, datetime]]  # (openid, when), oldest first
+
+
+def find_code(session: Session, *, secret: bytes, code: str) -> CodeInfo | None:
+    """The stored code whose canonical form is ``code`` (an operator looking one up)."""
+    row = session.exec(select(RedemptionCode).where(
+        RedemptionCode.digest == digest(secret, code))).first()
+    if row is None:
+        return None
+    assert row.id is not None
+    batch = session.get(CodeBatch, row.batch_id)
+    assert batch is not None
+    uses = session.connection().execute(
+        sa_select(_USE.c.openid, _USE.c.created_at).where(_USE.c.code_id == row.id)
+        .order_by(_USE.c.id)).all()
+    return CodeInfo(row.id, row.uses, row.used, row.revoked_at, batch,
+                    [(str(o), t) for o, t in uses])
+
+
+def revoke_code(session: Session, *, secret: bytes, code: str,
+                now: datetime | None = None) -> CodeInfo | None:
+    """Revoke one code (uses already made stay made); None when there is no such code.
+    Revoking a revoked code changes nothing."""
+    info = find_code(session, secret=secret, code=code)
+    if info is None or info.revoked_at is not None:
+        return info
+    at = now or utcnow()
+    session.connection().execute(
+        sa_update(_CODE).where(_CODE.c.id == info.code_id).values(revoked_at=at))
+    return CodeInfo(info.code_id, info.uses, info.used, at, info.batch, info.redeemed_by)
+
+
+def revoke_batch(session: Session, *, batch_id: int,
+                 now: datetime | None = None) -> CodeBatch | None:
+    """Revoke every code of a batch at once; None when there is no such batch."""
+    batch = session.get(CodeBatch, batch_id)
+    if batch is None or batch.revoked_at is not None:
+        return batch
+    batch.revoked_at = now or utcnow()
+    session.add(batch)
+    session.flush()
+    return batch
+
+
+def frozen(session: Session, *, now: datetime | None = None) -> list[CodeFreeze]:
+    """Subscribers whose code attempts are refused right now, the longest frozen first."""
+    return list(session.exec(select(CodeFreeze).where(col(CodeFreeze.until) > (now or utcnow()))
+                             .order_by(col(CodeFreeze.until).desc())).all())
