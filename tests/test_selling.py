@@ -267,3 +267,49 @@ def test_serve_refuses_the_example_codes_secret(tmp_path: Path, db_url: str) -> 
     done = CliRunner().invoke(cli_app, ["serve", "--config", str(config)])
     assert done.exit_code == 2
     assert "[codes] secret still holds the example placeholder" in done.stderr
+
+
+# --- the demo ------------------------------------------------------------------------------------
+
+_DEMO_CODE = re.compile(r"│\s+((?:[2-9A-Z]{4}-){3}[2-9A-Z]{4})\s+(\S+)")
+
+
+def test_the_demo_ships_a_pass_and_codes_that_work(tmp_path: Path) -> None:
+    import json
+    import signal
+    import subprocess
+    import sys
+    import tomllib
+
+    from tests.conftest import child_env
+    from tests.test_cli_ux import kill_group, start_demo, wait_for, wait_healthy
+
+    workdir = tmp_path / "demo"
+    proc, log, port = start_demo(tmp_path, workdir, "demo")
+    try:
+        wait_healthy(proc, port, log)
+        printed = _DEMO_CODE.findall(wait_for(log, "What was sold"))
+        assert [grants for _, grants in printed] == ["50", "50", "月卡（30"], printed
+        config = workdir / "config.toml"
+        token = tomllib.loads(config.read_text(encoding="utf-8"))["wechat"]["token"]
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10.0) as http:
+            user = WeChatUser(http, "o_demo_reader", token=token)
+            assert "「开通 月卡」30 天内每期全文，100 豆" in user.send("充值")["content"]
+            credited = user.send(printed[0][0].lower())["content"]  # any case works
+            assert "50 豆" in credited and "170 豆" in credited, credited
+            assert "月卡" in user.send(printed[2][0])["content"]
+        revenue = subprocess.run(
+            [sys.executable, "-m", "bot.cli", "--config", str(config), "revenue", "--json"],
+            env=child_env(), capture_output=True, text=True, check=True)
+        data = json.loads(revenue.stdout)
+        assert data["in"]["codes"] == 50 and data["outstanding"] == 170
+        assert [(b["kind"], b["redemptions"]) for b in data["codes"]] == [("tokens", 1),
+                                                                         ("pass", 1)]
+        check = subprocess.run(
+            [sys.executable, "-m", "bot.cli", "--config", str(config), "ledger", "check"],
+            env=child_env(), capture_output=True, text=True)
+        assert check.returncode == 0 and "ledger OK" in check.stdout, check.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        kill_group(proc)
