@@ -38,6 +38,12 @@ ROUTERS: tuple[Router, ...] = (
 )
 
 
+def click_keys(routers: tuple[Router, ...] = ROUTERS) -> frozenset[str]:
+    """The menu CLICK keys some handler answers (bot.wechat.menu accepts only these)."""
+    return frozenset(route.click_key for router in routers for route in router.routes
+                     if route.click_key is not None)
+
+
 def first_route_writes(config: ChatConfig, msg: Incoming,
                        routers: tuple[Router, ...] = ROUTERS) -> bool:
     """Whether the first handler to take ``msg`` writes: then the webhook's fast path would

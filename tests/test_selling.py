@@ -313,3 +313,16 @@ def test_the_demo_ships_a_pass_and_codes_that_work(tmp_path: Path) -> None:
         assert proc.wait(timeout=20) == 0
     finally:
         kill_group(proc)
+
+
+def test_the_menu_accepts_every_click_key_a_handler_answers() -> None:
+    """TOPUP (the ways to get tokens) and PASSES are buttons too: the menu's keys are the
+    handlers' own click registrations, not a second list to forget."""
+    from bot.settings import MenuSettings
+    from bot.wechat.menu import build_menu
+
+    buttons = [{"name": "获取", "sub_buttons": [
+        {"name": name, "type": "click", "key": key}
+        for name, key in (("充值", "TOPUP"), ("会员卡", "PASSES"), ("解锁", "UNLOCK"))]}]
+    menu = build_menu(MenuSettings.model_validate({"buttons": buttons}))
+    assert [b["key"] for b in menu["button"][0]["sub_button"]] == ["TOPUP", "PASSES", "UNLOCK"]
