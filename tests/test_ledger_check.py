@@ -561,3 +561,60 @@ def test_json_names_problems_without_a_reader(books: Books, config: Path,
     assert data["totals"] == {"in": 455, "spent": 200, "entries": 255, "balances": 255}
     [problem] = data["mismatches"]
     assert problem["openid"] is None and problem["problem"].startswith("code batch #")
+
+
+# --- the real selling paths ----------------------------------------------------------------------
+
+
+def test_books_written_by_the_real_selling_paths_are_clean(
+        tmp_path: Path, engine: Engine) -> None:
+    """Every path through chat and storage as shipped (codes, passes, gifts, refunds): the
+    check agrees with what they write, and revenue adds up."""
+    import json
+    import re
+
+    from bot.app import create_app
+    from storage import codes, refunds
+    from tests.conftest import WeChatUser, client_for
+    from tests.test_selling import selling_settings
+    from tests.test_webhook import topup
+
+    settings = selling_settings()
+    secret = settings.chat_config().codes.secret
+    add_issue(engine, 1, price=30)
+    add_issue(engine, 2, price=20)
+    topup(engine, ALICE, 3000)
+    topup(engine, BOB, 100)
+    with transaction(engine) as s:
+        tokens = codes.create_batch(s, secret=secret, kind="tokens", count=2, tokens=40)
+        issue = codes.create_batch(s, secret=secret, kind="issue", count=1, uses=2,
+                                   issue_number=1)
+        month = codes.create_batch(s, secret=secret, kind="pass", count=1, pass_id="month",
+                                   pass_days=30)
+    with client_for(create_app(settings, engine)) as http:
+        alice, bob, carol, dave = (WeChatUser(http, who) for who in (ALICE, BOB, CAROL, DAVE))
+        assert alice.send("兑换 1")["type"] == "news"
+        assert "已开通月卡" in alice.send("开通 月卡")["content"]
+        gift_issue = re.findall(r"礼品码：(\S+)", alice.send("赠送 2")["content"])
+        gift_pass = re.findall(r"礼品码：(\S+)", alice.send("赠送 月卡")["content"])
+        assert gift_issue and gift_pass
+        for sent, who in ((gift_issue[0], bob), ("兑换 1", bob), (tokens.codes[0], carol),
+                          (month.codes[0], carol), (issue.codes[0], dave),
+                          (gift_pass[0], dave)):
+            assert "余额" in str(who.send(sent)), sent
+    with transaction(engine) as s:
+        refunds.refund_issue(s, openid=BOB, issue_number=1, reason="test", key="test:r1")
+        refunds.refund_pass(s, openid=ALICE, pass_id="month", reason="test", key="test:r2")
+        passes.grant(s, openid=CAROL, pass_id="year", days=365, source="grant",
+                     key="test:grant", operator="cli:test", reason="press")
+    config = write_config(tmp_path, engine)
+    done = cli(config, "ledger", "check")
+    assert done.exit_code == 0, done.output
+    rev = json.loads(cli(config, "revenue", "--json").stdout)
+    assert rev["in"]["codes"] == 40 and rev["spent"]["gifts"] == 20 + 300
+    assert [(g["issue"], g["pass"], g["redeemed"]) for g in rev["gifts"]] == [
+        (2, None, 1), (None, "month", 1)]
+    assert [(r["issue"], r["pass"], r["count"]) for r in rev["refunds"]] == [
+        (1, None, 1), (None, "month", 1)]
+    assert rev["outstanding"] == rev["net"] == 3000 + 100 + 40 - rev["spent"]["total"] \
+        + rev["in"]["refunds"]
