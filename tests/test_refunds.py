@@ -9,6 +9,7 @@ import json
 import re
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -306,6 +307,27 @@ def test_a_pass_refund_twice_refunds_once_and_buying_again_works(
     assert len(refunded(engine)) == 2 and books_balance(engine) == []
 
 
+def test_a_pass_refund_is_all_periods_or_none(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    topup(engine, READER, 60)
+    buy(engine, now=utcnow(), key="a")
+    buy(engine, now=utcnow(), key="b")
+    real_post = ledger.post
+    calls: list[int] = []
+
+    def second_fails(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("connection lost")
+        return real_post(*args, **kwargs)
+
+    monkeypatch.setattr(ledger, "post", second_fails)
+    before = snapshot(engine)
+    with transaction(engine) as s, pytest.raises(RuntimeError):
+        refunds.refund_pass(s, openid=READER, pass_id="month", reason="r", key="k")
+    assert len(calls) == 2 and snapshot(engine) == before and balance(engine, READER) == 0
+
+
 def test_pass_refusals_exit_2_and_write_nothing(config: Path, engine: Engine) -> None:
     topup(engine, READER, 100)
     with transaction(engine) as s:  # a week pass bought long ago and used up
@@ -338,6 +360,33 @@ def test_a_refunded_pass_refused_again_under_a_new_key(engine: Engine) -> None:
     assert refused.value.reason == "already_refunded"
     with transaction(engine) as s, pytest.raises(IdempotencyConflict):
         refunds.refund_issue(s, openid=READER, issue_number=1, reason="r", key="k1")
+
+
+def test_a_period_is_refunded_once_even_when_asked_about_an_earlier_moment(
+        engine: Engine) -> None:
+    topup(engine, READER, 30)
+    buy(engine, now=utcnow() - 2 * DAY, key="p")
+    now = utcnow()
+    with transaction(engine) as s:
+        assert refunds.refund_pass(s, openid=READER, pass_id="month", reason="r", key="k1",
+                                   now=now).tokens == 27
+    with transaction(engine) as s, pytest.raises(NothingToRefund) as refused:
+        refunds.refund_pass(s, openid=READER, pass_id="month", reason="r", key="k2",
+                            now=now - DAY)
+    assert refused.value.reason == "already_refunded" and balance(engine, READER) == 27
+
+
+def test_an_unlock_pointing_at_a_credit_is_never_refunded(engine: Engine) -> None:
+    """A refund pays back a redeem charge only: an unlock whose entry is a top-up (a damaged
+    row) must not turn into a debit of that top-up."""
+    add_issue(engine, 1, price=30)
+    topup(engine, READER, 40)
+    with transaction(engine) as s:
+        [credit] = s.exec(select(LedgerEntry)).all()
+        s.add(Entitlement(openid=READER, issue_number=1, ledger_entry_id=credit.id))
+    with transaction(engine) as s, pytest.raises(NothingToRefund) as refused:
+        refunds.refund_issue(s, openid=READER, issue_number=1, reason="r", key="k")
+    assert refused.value.reason == "not_paid" and balance(engine, READER) == 40
 
 
 def test_refund_json(config: Path, engine: Engine) -> None:
