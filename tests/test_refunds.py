@@ -389,6 +389,21 @@ def test_an_unlock_pointing_at_a_credit_is_never_refunded(engine: Engine) -> Non
     assert refused.value.reason == "not_paid" and balance(engine, READER) == 40
 
 
+def test_a_period_pointing_at_another_charge_is_never_refunded(engine: Engine) -> None:
+    """Only the pass debit a period was bought with is paid back, never, say, an unlock's
+    charge a damaged row points at (that would refund the issue without withdrawing it)."""
+    add_issue(engine, 1, price=30)
+    topup(engine, READER, 30)
+    with transaction(engine) as s:
+        charge = ledger.redeem(s, openid=READER, issue_number=1, price=30, key="r").entry
+        assert charge is not None
+        passes.grant(s, openid=READER, pass_id="month", days=30, source="purchase", key="p",
+                     ledger_entry_id=charge.id)
+    with transaction(engine) as s, pytest.raises(NothingToRefund):
+        refunds.refund_pass(s, openid=READER, pass_id="month", reason="r", key="k")
+    assert balance(engine, READER) == 0
+
+
 def test_refund_json(config: Path, engine: Engine) -> None:
     topup(engine, READER, 30)
     buy(engine, now=utcnow(), key="p")
