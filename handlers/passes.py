@@ -35,15 +35,18 @@ def pass_name(config: ChatConfig, pass_id: str) -> str:
     return offer.name if offer is not None else pass_id
 
 
-def status_lines(ctx: Context, openid: str) -> list[str]:
-    """The reader's running pass for 余额: its name and until when; nothing without one."""
-    if not ctx.config.passes:
-        return []
+def _running(ctx: Context, openid: str) -> str | None:
+    """The reader's running pass: its name and until when."""
     held = passes.status(ctx.session, openid=openid, now=ctx.now)
     if held is None:
-        return []
-    return [f"🎫 会员卡：{pass_name(ctx.config, held.pass_id)}，有效至 "
-            f"{until_text(ctx.config, held.until)}"]
+        return None
+    return f"{pass_name(ctx.config, held.pass_id)}，有效至 {until_text(ctx.config, held.until)}"
+
+
+def status_lines(ctx: Context, openid: str) -> list[str]:
+    """The reader's running pass for 余额; nothing without one (or with passes off)."""
+    running = _running(ctx, openid) if ctx.config.passes else None
+    return [] if running is None else [f"🎫 会员卡：{running}"]
 
 
 def covering_note(ctx: Context, openid: str, issue_number: int) -> str | None:
@@ -59,7 +62,7 @@ def covering_note(ctx: Context, openid: str, issue_number: int) -> str | None:
 
 
 def _offers(config: ChatConfig) -> list[str]:
-    return [f"· {offer.name}：{pass_line(offer, config.unit)}" for offer in config.passes]
+    return [f"· {pass_line(offer, config.unit)}" for offer in config.passes]
 
 
 @router.command(r"会员卡|会员卡列表|我的会员卡|月卡|季卡|半年卡|年卡|周卡|passes|pass")
@@ -70,9 +73,9 @@ def list_passes(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Rep
         return None
     lines = ["🎫 会员卡：有效期内每期全文直接阅读，不用逐期兑换。", *_offers(ctx.config)]
     standing = ctx.standing(msg.openid, None)
-    held = status_lines(ctx, msg.openid) if standing.known else []
-    if held:
-        lines += ["", *held, "再次开通会从到期时间起顺延。"]
+    running = _running(ctx, msg.openid) if standing.known else None
+    if running is not None:
+        lines += ["", f"你的会员卡：{running}", "再次开通从到期时间起顺延。"]
     lines += ["", f"你的余额：{standing.balance} {ctx.unit}"]
     return Text("\n".join(lines))
 
