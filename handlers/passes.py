@@ -15,6 +15,7 @@ from handlers.selling import pass_line, shortfall_line, ways_to_get
 from storage import ledger, passes
 from storage.errors import InsufficientBalance
 from storage.passes import PassPurchase
+from storage.subscribers import Standing
 
 router = Router("passes")
 
@@ -49,16 +50,14 @@ def status_lines(ctx: Context, openid: str) -> list[str]:
     return [] if running is None else [f"🎫 会员卡：{running}"]
 
 
-def covering_note(ctx: Context, openid: str, issue_number: int) -> str | None:
-    """For the issue card: the pass that covers this issue, or None (not covered, or passes
-    are off)."""
-    if not ctx.config.passes or not passes.covered(ctx.session, openid=openid,
-                                                   issue_number=issue_number):
+def covering_note(ctx: Context, standing: Standing) -> str | None:
+    """For the card of an issue a pass covers (``standing.covered``): until when the reader's
+    pass runs. None with passes off."""
+    if not ctx.config.passes or not standing.covered:
         return None
-    held = passes.status(ctx.session, openid=openid, now=ctx.now)
-    if held is None:  # read under a pass that has run out since: the issue stays theirs
-        return "本期在你的会员卡有效期内，已包含"
-    return f"会员卡有效至 {until_text(ctx.config, held.until)}，本期已包含"
+    if standing.pass_until is None or standing.pass_until <= ctx.now:
+        return "本期在你的会员卡有效期内，已包含"  # the pass has run out; the issue stays theirs
+    return f"会员卡有效至 {until_text(ctx.config, standing.pass_until)}，本期已包含"
 
 
 def _offers(config: ChatConfig) -> list[str]:
