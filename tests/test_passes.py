@@ -348,6 +348,7 @@ def test_read_and_card_of_a_covered_issue_on_the_fast_path(
     assert seen == [True, True, True]  # all answered on the read path
     assert "本期在你的会员卡有效期内，已包含" in card
     assert covered_reply["type"] == "news" and "/read/3?" in covered_reply["url"]
+    assert covered_reply["description"].startswith("你的会员卡包含本期。")
     assert uncovered["type"] == "text" and "尚未解锁" in uncovered["content"]
 
 
