@@ -79,8 +79,10 @@ def list_passes(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Rep
     return Text("\n".join(lines))
 
 
-@router.command(r"(?:开通|续费|续订|buy)\s*(?P<word>.*)")
+# 购买, 买豆 and buy alone are the buying conversation's (handlers.balance): only with a word.
+@router.command(r"(?:开通|续费|续订)\s*(?P<word>.*)")
 @router.command(r"(?:购买|买)\s*(?P<word>.+)")
+@router.command(r"buy\s+(?P<word>.+)")
 def buy_pass(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply | None:
     if not ctx.config.passes or match is None:
         return None

@@ -111,6 +111,7 @@ def test_buying_alone_belongs_to_the_buying_conversation(user: WeChatUser) -> No
     for word in ("购买", "买豆"):
         content = user.send(word)["content"]
         assert HOW_TO_GET in content and "「开通 年卡」" not in content
+    assert "「开通 年卡」" not in user.send("buy")["content"]  # buy alone: not ours either
 
 
 # --- buying -----------------------------------------------------------------------------------
