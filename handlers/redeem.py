@@ -98,7 +98,8 @@ def read(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
         return _full_text_news(ctx, msg.openid, item, "本期免费阅读。")
     standing = ctx.standing(msg.openid, item.number)
     if standing.unlocked:
-        return _full_text_news(ctx, msg.openid, item, "你已解锁本期。")
+        return _full_text_news(ctx, msg.openid, item,
+                               "你的会员卡包含本期。" if standing.covered else "你已解锁本期。")
     balance = standing.balance
     lines = [
         f"{issue_heading(item)} 尚未解锁。",

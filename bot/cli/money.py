@@ -14,6 +14,7 @@ from rich.text import Text
 from sqlmodel import Session
 
 from bot.cli.base import (
+    CLI_KEY_PREFIX,
     MAX_ABS_AMOUNT,
     ConfigOpt,
     JsonOpt,
@@ -28,6 +29,7 @@ from bot.cli.base import (
     _when,
     _zone,
     app,
+    cli_key,
     err,
     ledger_app,
     out,
@@ -180,22 +182,6 @@ def _credit(ctx: typer.Context, config: Path | None, *, kind: CreditKind, openid
     except IdempotencyConflict as exc:
         _fail(f"{exc}; nothing written", 2)
     _report_credit(result, key=key, unit=unit, zone=_zone(settings))
-
-
-# The CLI's keys live in a namespace of their own, so no key given here can ever be the key of a
-# chat action (wechat:OPENID:MSGID) and block it, or find its result.
-CLI_KEY_PREFIX = "cli:"
-_MAX_KEY_CHARS = LedgerEntry.__table__.c.idempotency_key.type.length  # type: ignore[attr-defined]
-
-
-def cli_key(given: str) -> str:
-    """The stored key for ``--key``: ``X`` becomes ``cli:X``; a key the CLI printed (already
-    ``cli:…``) is itself, so it can be given back as it was printed."""
-    key = given if given.startswith(CLI_KEY_PREFIX) else CLI_KEY_PREFIX + given
-    if len(key) > _MAX_KEY_CHARS:
-        _fail(f"--key is too long (at most {_MAX_KEY_CHARS - len(CLI_KEY_PREFIX)} characters);"
-              " nothing written", 2)
-    return key
 
 
 def legacy_key(session: Session, *, given: str, key: str) -> bool:
