@@ -19,6 +19,13 @@ from pydantic import (
     model_validator,
 )
 
+from bot.pay.keys import (
+    PUBLIC_KEY_ID_PREFIX,
+    KeyFileError,
+    load_certificates,
+    load_private_key,
+    load_public_key,
+)
 from handlers.config import ChatConfig, CodeRules, PassOffer
 
 PLACEHOLDER_PREFIX = "CHANGE-ME"
@@ -228,6 +235,153 @@ def describe_cron(cron: str) -> str:
     return "按计划"
 
 
+# -- [pay]: WeChat Pay API v3 (docs/pay.md) --------------------------------------------------
+
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+class PayPackage(_Section):
+    """One ``[[pay.packages]]`` entry: tokens sold for money."""
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")
+    tokens: int = Field(ge=1, le=10**9)
+    price_fen: int = Field(ge=1, le=10**9)  # 分: 990 is ¥9.90
+    label: str = Field(min_length=1, max_length=40)
+
+
+class PaySettings(_Section):
+    """``[pay]``: a WeChat Pay merchant. Without this section payments are off."""
+
+    mch_id: str
+    app_id: str = Field("", validate_default=True)  # empty: [wechat] app_id
+    apiv3_key: str = Field(repr=False)
+    merchant_serial_no: str
+    merchant_private_key_file: Path
+    # "WeChat Pay public key" mode (merchants since late 2024): the key and its id.
+    wechatpay_public_key_file: Path | None = None
+    wechatpay_public_key_id: str = ""
+    # Platform-certificate mode (older merchants): a directory of certificate *.pem files.
+    # Both modes may be set at once during WeChat's transition; Wechatpay-Serial picks the key.
+    platform_certificates_dir: Path | None = None
+    api_base: str = "https://api.mch.weixin.qq.com"
+    # WeChat's prepay_id and code_url last 2 hours; an order cannot outlive them.
+    order_ttl_minutes: int = Field(30, ge=5, le=120)
+    packages: list[PayPackage] = []
+
+    @field_validator("mch_id")
+    @classmethod
+    def _digits(cls, v: str) -> str:
+        if not (v.isascii() and v.isdigit() and 6 <= len(v) <= 32):
+            raise ValueError("must be the merchant number (商户号), digits only")
+        return v
+
+    @field_validator("apiv3_key")
+    @classmethod
+    def _thirty_two_bytes(cls, v: str) -> str:
+        if v.startswith(PLACEHOLDER_PREFIX):
+            raise ValueError("still holds the example placeholder: set the APIv3 key (APIv3密钥) "
+                             "from the merchant platform, or $NEWSBOT_PAY__APIV3_KEY")
+        if len(v.encode("utf-8")) != 32:
+            raise ValueError(f"must be exactly 32 bytes (got {len(v.encode('utf-8'))}); it is "
+                             "the APIv3 key set under 账户中心 → API安全")
+        return v
+
+    @field_validator("app_id")
+    @classmethod
+    def _app_id(cls, v: str) -> str:
+        if not v:
+            raise ValueError("empty, and [wechat] app_id is empty too: set one of them")
+        return v
+
+    @field_validator("merchant_serial_no")
+    @classmethod
+    def _hex_serial(cls, v: str) -> str:
+        if not re.fullmatch(r"[0-9A-Fa-f]{8,40}", v):
+            raise ValueError("must be the hex serial number of the merchant API certificate")
+        return v.upper()
+
+    @field_validator("wechatpay_public_key_id")
+    @classmethod
+    def _key_id(cls, v: str) -> str:
+        if v and not v.startswith(PUBLIC_KEY_ID_PREFIX):
+            raise ValueError(f"must start with {PUBLIC_KEY_ID_PREFIX} as shown beside the "
+                             "public key on the merchant platform")
+        return v
+
+    @field_validator("merchant_private_key_file")
+    @classmethod
+    def _private_key(cls, v: Path) -> Path:
+        try:
+            load_private_key(v)
+        except KeyFileError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    @field_validator("wechatpay_public_key_file")
+    @classmethod
+    def _public_key(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            try:
+                load_public_key(v)
+            except KeyFileError as exc:
+                raise ValueError(str(exc)) from None
+        return v
+
+    @field_validator("platform_certificates_dir")
+    @classmethod
+    def _certificates(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            try:
+                found = load_certificates(v)
+            except KeyFileError as exc:
+                raise ValueError(str(exc)) from None
+            if not found:
+                raise ValueError(f"{v} holds no platform certificate valid today (*.pem)")
+        return v
+
+    @field_validator("api_base")
+    @classmethod
+    def _https_base(cls, v: str) -> str:
+        v = v.rstrip("/")
+        loopback = v.startswith(tuple(f"http://{h}" for h in _LOOPBACK_HOSTS))
+        if not v.startswith("https://") and not loopback:
+            raise ValueError("must start with https:// (http:// only for a loopback fake)")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PaySettings:
+        if bool(self.wechatpay_public_key_file) != bool(self.wechatpay_public_key_id):
+            raise ValueError("wechatpay_public_key_file and wechatpay_public_key_id go "
+                             "together: set both or neither")
+        if self.wechatpay_public_key_file is None and self.platform_certificates_dir is None:
+            raise ValueError("no key to verify WeChat Pay with: set wechatpay_public_key_file "
+                             "and wechatpay_public_key_id, or platform_certificates_dir")
+        if not self.packages:
+            raise ValueError("packages: add at least one [[pay.packages]] to sell")
+        ids = [p.id for p in self.packages]
+        if len(set(ids)) != len(ids):
+            twice = sorted({i for i in ids if ids.count(i) > 1})
+            raise ValueError(f"packages: id {twice[0]!r} names two packages; ids must be unique")
+        return self
+
+    @property
+    def on_loopback(self) -> bool:
+        return self.api_base.startswith("http://")
+
+    def package(self, package_id: str) -> PayPackage | None:
+        return next((p for p in self.packages if p.id == package_id), None)
+
+
+def _pay_app_id_default(data: Any) -> Any:
+    """[pay] app_id defaults to [wechat] app_id; filled in before validation so the check
+    that one of them is set can name the key."""
+    if isinstance(data, dict) and isinstance(data.get("pay"), dict):
+        wechat = data.get("wechat")
+        if not data["pay"].get("app_id") and isinstance(wechat, dict) and wechat.get("app_id"):
+            data = {**data, "pay": {**data["pay"], "app_id": wechat["app_id"]}}
+    return data
+
+
 class Settings(_Section):
     server: ServerSettings = ServerSettings()
     wechat: WechatSettings = WechatSettings()
@@ -240,8 +394,25 @@ class Settings(_Section):
     menu: MenuSettings = MenuSettings()
     passes: list[PassSettings] = []
     codes: CodeSettings = CodeSettings()
+    pay: PaySettings | None = None  # no [pay]: payments off
 
     source: str | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pay_defaults(cls, data: Any) -> Any:
+        return _pay_app_id_default(data)
+
+    @model_validator(mode="after")
+    def _pay_notify_https(self) -> Settings:
+        # WeChat Pay refuses a notify_url that is not HTTPS or that has a query.
+        url = self.server.public_url
+        if (self.pay is not None and not self.pay.on_loopback
+                and (not url.startswith("https://") or "?" in url)):
+            raise ValueError("[server] public_url must be an https:// URL without a query "
+                                 "when [pay] is set: WeChat Pay posts notifications to "
+                                 "public_url + /pay/notify")
+        return self
 
     @model_validator(mode="after")
     def _distinct_passes(self) -> Settings:
@@ -291,6 +462,11 @@ class Settings(_Section):
                     f"[{section}] {name} {state}: set it in the config file or in ${env}")
         if self.reader.secret and len(self.reader.secret) < 16 and not problems:
             problems.append("[reader] secret is too short: use at least 16 random characters")
+        if self.codes.secret.startswith(PLACEHOLDER_PREFIX):
+            # Codes would be silently off: say so rather than let a copied example sell none.
+            problems.append("[codes] secret still holds the example placeholder: set at least "
+                            "16 random characters (or \"\" to turn codes and gifts off), in the "
+                            f"config file or in ${ENV_PREFIX}CODES__SECRET")
         return problems
 
 
@@ -324,15 +500,23 @@ def _apply_env(data: dict[str, Any], environ: dict[str, str]) -> None:
         table[key] = _env_value(raw)
 
 
+_SECRET_NAME = re.compile(r"(?:secret|_key)$")
+
+
 def _format_errors(err: ValidationError, origin: str) -> str:
     lines = []
     for e in err.errors():
         loc = [str(p) for p in e["loc"]]
-        key = f"[{loc[0]}] {'.'.join(loc[1:])}" if len(loc) > 1 else loc[0] if loc else "?"
+        key = f"[{loc[0]}] {'.'.join(loc[1:])}" if len(loc) > 1 else f"[{loc[0]}]" if loc else ""
         if e["type"] == "extra_forbidden":
             lines.append(f"{origin}: unknown key {key}")
-        else:
-            lines.append(f"{origin}: {key}: {e['msg']} (got {e.get('input')!r})")
+            continue
+        where = f"{origin}: {key}: " if key else f"{origin}: "
+        # A whole section as input would repeat every value, secrets included; so would a
+        # rejected key or secret.
+        quiet = isinstance(e.get("input"), dict) or (loc and _SECRET_NAME.search(loc[-1]))
+        got = "" if quiet else f" (got {e.get('input')!r})"
+        lines.append(f"{where}{e['msg']}{got}")
     return "\n".join(lines)
 
 

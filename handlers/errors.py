@@ -5,6 +5,7 @@ fields."""
 from __future__ import annotations
 
 from handlers.numbers import BadIssueNumber
+from handlers.selling import shortfall_line
 from storage.codes import InvalidBatch
 from storage.errors import (
     BroadcastRefused,
@@ -30,10 +31,9 @@ def explain(err: DomainError, *, unit: str, topup_hint: str) -> str:
         return (f"没看懂期号「{err.text}」。请写数字，如「第3期」「兑换 3」，"
                 "或回复「往期」查看全部期数。")
     if isinstance(err, InsufficientBalance):
-        return (
-            f"余额不足：需要 {err.needed} {unit}，你的余额 {err.balance} {unit}，"
-            f"还差 {err.shortfall} {unit}。\n{topup_hint}"
-        )
+        # topup_hint is handlers.selling.ways_to_get: every way to get tokens, passes too.
+        short = shortfall_line(needed=err.needed, balance=err.balance, unit=unit)
+        return f"余额不足，未扣费：{short}\n{topup_hint}"
     if isinstance(err, UnknownSubscriber):
         return f"找不到用户 {err.openid}（对方需要先给公众号发过消息）。"
     if isinstance(err, InvalidAmount):

@@ -74,12 +74,13 @@ def issue_heading(issue: IssuePreview) -> str:
 
 def issue_card(
     issue: IssuePreview, *, unit: str, balance: int, unlocked: bool, lead: str = "",
-    link: str | None = None, how_to_get: str = "",
+    link: str | None = None, how_to_get: str = "", pass_note: str | None = None,
 ) -> str:
     """Title, summary, topics with their questions, price, balance and what this reader can
-    do next: read (free or unlocked), unlock (enough tokens) or get tokens (too few).
-    ``link`` is the reader's full-text link, shown for a free issue. Questions, then topics
-    are dropped if the whole card would not fit one reply."""
+    do next: read (free, unlocked or covered by a pass), unlock (enough tokens) or get tokens
+    (too few). ``link`` is the reader's full-text link, shown for a free issue; ``pass_note``
+    says which pass covers it, shown instead of the price. Questions, then topics are dropped
+    if the whole card would not fit one reply."""
     n = issue.number
     head = [lead] if lead else []
     head.append(f"📰 {issue_heading(issue)}")
@@ -89,6 +90,9 @@ def issue_card(
     if issue.is_free:
         tail = ["", f"🎁 本期免费｜{size}"]
         tail.append(f"阅读全文：{link}" if link else f"回复「全文 {n}」免费阅读全文")
+        more = f"回复「全文 {n}」查看"
+    elif pass_note:
+        tail = ["", f"🎫 {pass_note}｜{size}", f"回复「全文 {n}」阅读全部内容"]
         more = f"回复「全文 {n}」查看"
     elif unlocked:
         tail = ["", f"✅ 你已解锁本期｜{size}｜余额 {balance} {unit}",
@@ -153,7 +157,7 @@ def _with_topics(issue: IssuePreview, head: list[str], tail: list[str], *, headi
 
 
 _KIND_LABELS = {"topup": "充值", "adjust": "调整", "redeem": "兑换", "code": "兑换码",
-                "gift": "赠送"}
+                "gift": "赠送", "pass": "会员卡", "refund": "退款"}
 
 
 def ledger_line(entry: LedgerEntry, unit: str) -> str:

@@ -35,6 +35,8 @@ from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 from sqlmodel import Session, col, select, update
 
+from storage import audit
+from storage.audit import Mismatch
 from storage.coverage import covered_clause
 from storage.errors import (
     IdempotencyConflict,
@@ -44,7 +46,6 @@ from storage.errors import (
 )
 from storage.models import Entitlement, Issue, LedgerEntry, Subscriber, utcnow
 from storage.sql import scalar
-from storage.subscribers import require_subscriber
 
 CreditKind = Literal["topup", "adjust"]
 
@@ -134,37 +135,8 @@ def credit(
                             problem="over_limit", amount=amount, limit=max_topup)
     if not reason.strip():
         raise InvalidAmount("a reason is required", problem="no_reason")
-    def matches(e: LedgerEntry) -> bool:
-        return _same_action(e, openid=openid, kind=kind, amount=amount, issue_number=None,
-                            reason=reason)
-
-    existing = _by_key(session, key)
-    if existing is not None:
-        if not matches(existing):
-            raise IdempotencyConflict(key, _describe(existing))
-        return LedgerResult(existing, replayed=True)
-
-    sub = require_subscriber(session, openid=openid)
-    try:
-        with session.begin_nested():
-            new_balance = _apply_delta(session, openid=openid, amount=amount)
-            if new_balance is None:
-                raise InsufficientBalance(needed=-amount, balance=sub.balance)
-            entry = LedgerEntry(
-                openid=openid, amount=amount, kind=kind, idempotency_key=key,
-                operator=operator, reason=reason, balance_after=new_balance, created_at=utcnow(),
-            )
-            session.add(entry)
-            session.flush()
-    except IntegrityError:
-        # A concurrent transaction committed the same key first: answer with its result.
-        winner = _by_key(session, key)
-        if winner is None:
-            raise
-        if not matches(winner):
-            raise IdempotencyConflict(key, _describe(winner)) from None
-        return LedgerResult(winner, replayed=True)
-    return LedgerResult(entry, replayed=False)
+    return post(session, openid=openid, amount=amount, kind=kind, key=key, reason=reason,
+                operator=operator, same_reason=True)
 
 
 EntryKind = Literal["topup", "adjust", "redeem", "code", "pass", "gift", "refund"]
@@ -183,13 +155,15 @@ def post(
     code_batch_id: int | None = None,
     refers_to: int | None = None,
     operator: str | None = None,
+    same_reason: bool = False,
 ) -> LedgerResult:
     """Write one entry and move the cached balance with it, inside a savepoint: the building
     block of codes, passes, gifts and refunds (each adds its own rows in the same transaction).
 
     Raises InsufficientBalance (nothing written) when a debit would go below zero,
     IdempotencyConflict when ``key`` was used for another action; a key used for this very
-    action returns the first entry with ``replayed`` set. The caller validates the amount."""
+    action returns the first entry with ``replayed`` set (``same_reason``: only if the reason
+    matches too, as for operator top-ups). The caller validates the amount."""
     if abs(amount) > MAX_ABS_AMOUNT or amount == 0:
         raise InvalidAmount(f"{kind} {amount} is not a usable amount",
                             problem="too_large" if amount else "zero", amount=amount,
@@ -197,7 +171,7 @@ def post(
 
     def matches(e: LedgerEntry) -> bool:
         return (_same_action(e, openid=openid, kind=kind, amount=amount,
-                             issue_number=issue_number, reason=None)
+                             issue_number=issue_number, reason=reason if same_reason else None)
                 and e.pass_id == pass_id and e.code_batch_id == code_batch_id
                 and e.refers_to == refers_to)
 
@@ -454,18 +428,10 @@ def unlocked_issues(session: Session, *, openid: str) -> set[int]:
     return {int(n) for n in rows} | {int(n) for (n,) in covered}
 
 
-@dataclass(frozen=True)
-class Mismatch:
-    openid: str
-    cached: int
-    ledger: int
-    problem: str
-    about_balance: bool = True  # False: an unlock and its charge disagree (cached/ledger n/a)
-
-
 def check(session: Session) -> list[Mismatch]:
-    """Every subscriber's cached balance against the sum of their entries, and unlocks against
-    charges both ways; an empty list means the books balance."""
+    """Every subscriber's cached balance against the sum of their entries, then every unlock,
+    code, pass, gift and refund against its source (storage.audit); an empty list means the
+    books balance."""
     sums = dict(session.exec(
         select(LedgerEntry.openid, func.coalesce(func.sum(LedgerEntry.amount), 0))
         .group_by(col(LedgerEntry.openid))
@@ -482,46 +448,4 @@ def check(session: Session) -> list[Mismatch]:
     for openid, total in sums.items():
         if openid not in seen:
             problems.append(Mismatch(openid, 0, int(total), "ledger entries for unknown user"))
-    return problems + _check_unlocks(session)
-
-
-def _check_unlocks(session: Session) -> list[Mismatch]:
-    """Redeem is the only way to an unlock, and it writes the charge and the unlock together:
-    so every unlock must point at a redeem charge of the same user for the same issue, and
-    every redeem charge must have exactly that unlock. (A free issue grants no unlock; an
-    unlock without a charge of an issue that is free now gives nothing away and is let be.)"""
-    problems: list[Mismatch] = []
-
-    def flag(openid: str, problem: str) -> None:
-        problems.append(Mismatch(openid, 0, 0, problem, about_balance=False))
-
-    unlocks = session.execute(
-        sa_select(_ENT_T.c.openid, _ENT_T.c.issue_number, _ENT_T.c.ledger_entry_id,
-                  _ENTRY_T.c.id, _ENTRY_T.c.openid, _ENTRY_T.c.kind, _ENTRY_T.c.issue_number,
-                  _ISSUE_T.c.price)
-        .select_from(_ENT_T.outerjoin(_ENTRY_T, _ENTRY_T.c.id == _ENT_T.c.ledger_entry_id)
-                     .outerjoin(_ISSUE_T, _ISSUE_T.c.number == _ENT_T.c.issue_number))
-        .order_by(_ENT_T.c.id)).all()
-    paid_for: set[int] = set()  # charges that have their own unlock
-    for openid, number, entry_ref, entry_id, entry_openid, kind, entry_issue, price in unlocks:
-        if entry_ref is None:
-            if price is None or price > 0:
-                flag(openid, f"unlock of issue {number} without its charge")
-        elif entry_id is None:
-            flag(openid, f"unlock of issue {number} points at ledger entry #{entry_ref}, "
-                         "which does not exist")
-        elif (entry_openid, kind, entry_issue) != (openid, "redeem", number):
-            what = (f"a {kind} of issue {entry_issue}" if entry_issue is not None
-                    else f"a {kind}")
-            flag(openid, f"unlock of issue {number} points at ledger entry #{entry_id}, which "
-                         f"is {what} by {entry_openid}")
-        else:
-            paid_for.add(int(entry_id))
-    charges = session.execute(
-        sa_select(_ENTRY_T.c.id, _ENTRY_T.c.openid, _ENTRY_T.c.issue_number)
-        .where(_ENTRY_T.c.kind == "redeem").order_by(_ENTRY_T.c.id)).all()
-    for entry_id, openid, number in charges:
-        if int(entry_id) not in paid_for:
-            flag(openid, f"redemption of issue {number} (ledger entry #{entry_id}) without "
-                         "its unlock")
-    return problems
+    return problems + audit.problems(session)

@@ -19,9 +19,10 @@ from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from storage import ledger
 from storage.coverage import covered_clause, period_end
-from storage.errors import IdempotencyConflict
-from storage.models import Issue, PassPeriod, utcnow
+from storage.errors import IdempotencyConflict, InvalidAmount
+from storage.models import Issue, LedgerEntry, PassPeriod, utcnow
 from storage.subscribers import lock_subscriber
 
 PassSource = Literal["purchase", "code", "gift", "grant"]
@@ -148,3 +149,63 @@ def status(session: Session, *, openid: str, now: datetime | None = None) -> Pas
         elif p.starts_at <= running.until:
             running = PassStatus(running.pass_id, max(running.until, end))
     return running
+
+
+@dataclass(frozen=True)
+class PassPurchase:
+    """A pass bought with tokens: the period granted, the debit that paid for it and the
+    balance after it."""
+
+    period: PassPeriod
+    entry: LedgerEntry
+    balance: int
+    replayed: bool  # the key had bought this before; nothing new was written
+
+
+def buy(
+    session: Session,
+    *,
+    openid: str,
+    pass_id: str,
+    days: int,
+    price: int,
+    key: str,
+    now: datetime | None = None,
+    reason: str | None = None,
+) -> PassPurchase:
+    """Debit ``price`` tokens and grant ``days`` days of pass ``pass_id`` (extending a running
+    pass), both or neither.
+
+    Raises InsufficientBalance (nothing written) when the balance is below ``price``,
+    UnknownSubscriber, IdempotencyConflict when ``key`` was used for something else; a key
+    that bought this very pass returns the first purchase with ``replayed`` set."""
+    if price < 1 or days < 1:
+        raise InvalidAmount(f"a pass needs a price and days of at least 1 (got {price} for "
+                            f"{days} days)", problem="not_positive", amount=price)
+    lock_subscriber(session, openid=openid)  # raises UnknownSubscriber; serialises the reader
+    earlier = _by_key(session, key)
+    if earlier is not None:
+        return _replayed(session, earlier, openid=openid, pass_id=pass_id, key=key)
+    # One savepoint: a grant that fails after the debit (a key taken) takes the debit with it,
+    # even when the caller turns the error into a reply and commits.
+    with session.begin_nested():
+        paid = ledger.post(session, openid=openid, amount=-price, kind="pass", key=key,
+                           pass_id=pass_id, reason=reason or f"pass {pass_id}, {days} days")
+        if paid.replayed:  # the key is a ledger entry's without a period: not a purchase
+            raise IdempotencyConflict(key, f"ledger entry #{paid.entry.id}")
+        granted = grant(session, openid=openid, pass_id=pass_id, days=days, source="purchase",
+                        key=key, now=now, ledger_entry_id=paid.entry.id)
+        if granted.replayed:  # cannot happen under the lock; never keep a debit without it
+            raise IdempotencyConflict(key, f"pass period #{granted.period.id}")
+    return PassPurchase(granted.period, paid.entry, paid.balance, replayed=False)
+
+
+def _replayed(session: Session, period: PassPeriod, *, openid: str, pass_id: str,
+              key: str) -> PassPurchase:
+    entry = (session.get(LedgerEntry, period.ledger_entry_id)
+             if period.ledger_entry_id is not None else None)
+    if (period.openid, period.pass_id, period.source) != (openid, pass_id, "purchase") \
+            or entry is None:
+        raise IdempotencyConflict(key, f"pass {period.pass_id} ({period.source}) for "
+                                       f"{period.openid}")
+    return PassPurchase(period, entry, entry.balance_after, replayed=True)
