@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import secrets
 import socket
 import sqlite3
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,74 @@ def temp_pg_database(admin_url: str, prefix: str = "newsbot_bench") -> Iterator[
         with psycopg.connect(libpq_url(admin_url), autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                 sql.Identifier(name)))
+
+
+@contextmanager
+def fresh_database(backend: str, pg_admin: str | None, workdir: Path, tag: str,
+                   prefix: str) -> Iterator[str]:
+    """A new database with the schema (``newsbot db upgrade``): a throw-away PostgreSQL
+    database named ``prefix_<random>`` on ``pg_admin``'s server, or ``workdir/tag.db``."""
+    with ExitStack() as stack:
+        if backend == "PostgreSQL":
+            assert pg_admin is not None
+            url = stack.enter_context(temp_pg_database(pg_admin, prefix=prefix))
+        else:
+            url = f"sqlite:///{workdir}/{tag}.db"
+        prepare_database(url, workdir)
+        yield url
+
+
+def children_cpu() -> float:
+    """User+system CPU seconds of this process's finished children (worker processes)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass
+class Fanned:
+    """What ``fan_out``'s processes reported, with the CPU they (and PostgreSQL) used."""
+
+    results: list[Any]
+    client_cpu_s: float
+    db_cpu_s: float
+    busy_pct: float
+
+
+def fan_out(target: Any, args_per_process: list[tuple[Any, ...]], timeout: float = 3600
+            ) -> Fanned:
+    """Run ``target(*args, queue)`` in a forked process per ``args``, and collect the one
+    result each puts on the queue."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    queue: Any = ctx.Queue()
+    workers = [ctx.Process(target=target, args=(*a, queue)) for a in args_per_process]
+    cpu0, db0, busy0 = children_cpu(), named_processes_cpu("postgres"), machine_busy()
+    for w in workers:
+        w.start()
+    results = [queue.get(timeout=timeout) for _ in workers]
+    for w in workers:
+        w.join(timeout=60)
+    busy1 = machine_busy()
+    return Fanned(results, children_cpu() - cpu0, named_processes_cpu("postgres") - db0,
+                  (busy1[0] - busy0[0]) / (busy1[1] - busy0[1]) * 100
+                  if busy1[1] > busy0[1] else 0.0)
+
+
+def add_run_options(parser: Any) -> None:
+    """The options every script takes: --quick, --no-pg, --quiet-wait."""
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
+    parser.add_argument("--no-pg", action="store_true", help="skip PostgreSQL")
+    parser.add_argument("--quiet-wait", type=float, default=120.0,
+                        help="wait up to this many seconds for other load on the machine to "
+                        "stop before measuring (default 120)")
+
+
+def pg_for(args: Any) -> tuple[str | None, str]:
+    """``pg_admin_url`` for parsed ``add_run_options``: (admin URL or None, why skipped)."""
+    if args.no_pg:
+        return None, "PostgreSQL skipped: --no-pg"
+    return pg_admin_url(quick=args.quick)
 
 
 # --------------------------------------------------------------------------- config files

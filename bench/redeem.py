@@ -14,14 +14,12 @@ Target: ≥ 1,000 redemptions/s across distinct users on PostgreSQL.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import resource
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,24 +170,10 @@ class Throughput:
 def throughput(backend: str, db_url: str, *, users: int, per_user: int, procs: int,
                threads: int) -> Throughput:
     fund_users(db_url, users, per_user, PRICE)
-    ctx = mp.get_context("fork")
-    queue: Any = ctx.Queue()
     start_at = time.monotonic() + 1.0 + 0.2 * procs
-    groups = [list(range(p, users, procs)) for p in range(procs)]
-    workers = [ctx.Process(target=_redeem_loop,
-                           args=(db_url, g, per_user, PRICE, start_at, threads, queue))
-               for g in groups]
-    cpu0 = _children_cpu()
-    db0 = _common.named_processes_cpu("postgres")
-    busy0 = _common.machine_busy()
-    for w in workers:
-        w.start()
-    results = [queue.get(timeout=3600) for _ in workers]
-    for w in workers:
-        w.join(timeout=60)
-    busy1 = _common.machine_busy()
-    db1 = _common.named_processes_cpu("postgres")
-    client_cpu = _children_cpu() - cpu0
+    fanned = _common.fan_out(_redeem_loop, [(db_url, list(range(p, users, procs)), per_user,
+                                             PRICE, start_at, threads) for p in range(procs)])
+    results = fanned.results
     finished = max(r[4] for r in results)
     latencies = sorted(x for r in results for x in r[3])
     return Throughput(
@@ -199,10 +183,9 @@ def throughput(backend: str, db_url: str, *, users: int, per_user: int, procs: i
         p99_ms=_common.percentile(latencies, 99) * 1000,
         errors=[e for r in results for e in r[2]][:3],
         layout=f"{procs} processes × {threads} threads",
-        books=verify_books(db_url), client_cpu_s=client_cpu,
-        db_cpu_s=(db1 - db0) if backend == "PostgreSQL" else None,
-        machine_busy_pct=((busy1[0] - busy0[0]) / (busy1[1] - busy0[1]) * 100
-                          if busy1[1] > busy0[1] else 0.0))
+        books=verify_books(db_url), client_cpu_s=fanned.client_cpu_s,
+        db_cpu_s=fanned.db_cpu_s if backend == "PostgreSQL" else None,
+        machine_busy_pct=fanned.busy_pct)
 
 
 @dataclass
@@ -344,17 +327,9 @@ def race(backend: str, db_url: str, *, attempts: int, balance: int, price: int) 
 # --------------------------------------------------------------------------- main
 
 
-@contextmanager
-def database(backend: str, pg_admin: str | None, workdir: Path, tag: str) -> Iterator[str]:
-    with ExitStack() as stack:
-        if backend == "PostgreSQL":
-            assert pg_admin is not None
-            url = stack.enter_context(_common.temp_pg_database(pg_admin,
-                                                               prefix="newsbot_bench_redeem"))
-        else:
-            url = f"sqlite:///{workdir}/{tag}.db"
-        _common.prepare_database(url, workdir)
-        yield url
+def database(backend: str, pg_admin: str | None, workdir: Path,
+             tag: str) -> AbstractContextManager[str]:
+    return _common.fresh_database(backend, pg_admin, workdir, tag, "newsbot_bench_redeem")
 
 
 def main(argv: list[str] | None = None) -> int:

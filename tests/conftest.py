@@ -117,6 +117,33 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
+def sqlite_url(db_url: str, tmp_path: Path) -> str:
+    """A SQLite file for tests that run on both databases whatever the suite's is."""
+    return db_url if db_url.startswith("sqlite") else f"sqlite:///{tmp_path}/multiprocess.db"
+
+
+@pytest.fixture
+def postgres_url(db_url: str) -> Iterator[str]:
+    """The suite's PostgreSQL database when it has one, else a fresh database of our own."""
+    if db_url.startswith("postgresql"):
+        yield db_url
+        return
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        admin = psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres",
+                                autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL unreachable on 127.0.0.1:5432: {exc}")
+    name = f"newsbot_mp_{uuid.uuid4().hex[:12]}"
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
 def engine(db_url: str) -> Iterator[Engine]:
     """The database with the current schema. Made from the models, which is faster than running
     the migrations and identical (tests/test_migrations.py), and stamped with the head revision

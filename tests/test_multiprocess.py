@@ -20,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -175,7 +174,9 @@ def _toml(value: Any) -> str:
 
 def write_config(path: Path, *, db_url: str, port: int, workers: int = 1, threads: int = 8,
                  broadcast: dict[str, Any] | None = None,
-                 wechat: dict[str, Any] | None = None) -> Path:
+                 wechat: dict[str, Any] | None = None,
+                 extra: dict[str, dict[str, Any]] | None = None) -> Path:
+    """A server's config file; ``extra`` adds whole sections (``{"codes": {...}}``)."""
     sections: dict[str, dict[str, Any]] = {
         "server": {"host": "127.0.0.1", "port": port, "public_url": f"http://127.0.0.1:{port}",
                    "workers": workers, "threads": threads},
@@ -185,6 +186,7 @@ def write_config(path: Path, *, db_url: str, port: int, workers: int = 1, thread
         "operators": {"openids": [OPERATOR]},
         # The weekly job stays out of the ledger tests; the scheduler test turns it on.
         "broadcast": {"scheduler": False, **(broadcast or {})},
+        **(extra or {}),
     }
     lines: list[str] = []
     for name, table in sections.items():
@@ -241,35 +243,6 @@ def reading(engine: Engine) -> Iterator[Session]:
     with read_only(engine) as s:
         yield s
         s.expunge_all()  # the closing rollback would expire them otherwise
-
-
-# --------------------------------------------------------------------------- databases
-
-
-@pytest.fixture
-def sqlite_url(db_url: str, tmp_path: Path) -> str:
-    return db_url if db_url.startswith("sqlite") else f"sqlite:///{tmp_path}/multiprocess.db"
-
-
-@pytest.fixture
-def postgres_url(db_url: str) -> Iterator[str]:
-    """The suite's PostgreSQL database when it has one, else a fresh database of our own."""
-    if db_url.startswith("postgresql"):
-        yield db_url
-        return
-    psycopg = pytest.importorskip("psycopg")
-    try:
-        admin = psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres",
-                                autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL unreachable on 127.0.0.1:5432: {exc}")
-    name = f"newsbot_mp_{uuid.uuid4().hex[:12]}"
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 # --------------------------------------------------------------------------- content

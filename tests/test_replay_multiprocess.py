@@ -18,14 +18,12 @@ from sqlalchemy import func, select
 from bot.wechat.webhook import sign
 from storage.models import LedgerEntry, SignedRequest
 from tests.conftest import OPERATOR, TOKEN, free_port, parse_reply
-from tests.test_multiprocess import (  # noqa: F401  (fixtures)
+from tests.test_multiprocess import (
     cli_ok,
     database,
-    postgres_url,
     prepare_database,
     reading,
     running,
-    sqlite_url,
     wait_healthy,
     write_config,
 )
