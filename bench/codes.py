@@ -61,15 +61,19 @@ def database(backend: str, pg_admin: str | None, workdir: Path,
 
 
 def add_subscribers(db_url: str, count: int) -> None:
+    add_subscribers_range(db_url, 0, count)
+
+
+def add_subscribers_range(db_url: str, first: int, count: int) -> None:
     from storage import subscribers
     from storage.db import make_engine, transaction
 
     engine = make_engine(db_url)
     try:
-        for start in range(0, count, 5000):
+        for start in range(first, first + count, 5000):
             with transaction(engine) as s:
-                subscribers.add_followers(
-                    s, openids=[openid_for(i) for i in range(start, min(count, start + 5000))])
+                subscribers.add_followers(s, openids=[
+                    openid_for(i) for i in range(start, min(first + count, start + 5000))])
     finally:
         engine.dispose()
 
@@ -252,6 +256,45 @@ def redeem_throughput(backend: str, db_url: str, *, count: int, users: int, proc
     return run
 
 
+@dataclass
+class OneByOne:
+    backend: str
+    wall_us: float
+    cpu_us: float
+    statements: dict[str, float]
+
+
+def one_by_one(backend: str, db_url: str, count: int) -> OneByOne:
+    """One thread, one redemption after another, no contention: what one costs, and the
+    statements it sends (cursor executions; COMMIT counted from the connection)."""
+    from sqlalchemy import event
+
+    from storage import codes
+    from storage.db import make_engine, transaction
+
+    first = 900_000
+    add_subscribers_range(db_url, first, count)
+    made, _ = make_codes(db_url, count)
+    engine = make_engine(db_url)
+    verbs: dict[str, int] = {}
+
+    def count_verb(verb: str) -> None:
+        verbs[verb] = verbs.get(verb, 0) + 1
+
+    event.listen(engine, "before_cursor_execute",
+                 lambda _c, _cur, statement, *_a: count_verb(statement.split(None, 1)[0].upper()))
+    event.listen(engine, "commit", lambda _c: count_verb("COMMIT"))
+    cpu, began = time.process_time(), time.perf_counter()
+    for n, code in enumerate(made):
+        with transaction(engine) as s:
+            codes.redeem_code(s, openid=openid_for(first + n), text=code, secret=SECRET.encode(),
+                              key=f"bench-one:{n}")
+    wall, cpu = time.perf_counter() - began, time.process_time() - cpu
+    engine.dispose()
+    return OneByOne(backend, wall / count * 1e6, cpu / count * 1e6,
+                    {k: v / count for k, v in sorted(verbs.items())})
+
+
 def verify_redeemed(db_url: str, count: int) -> str:
     """'OK' when each code was used exactly once with one credit each and the books balance."""
     from sqlalchemy import func, select
@@ -390,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     backends = (["PostgreSQL"] if pg_admin else []) + ([] if args.no_sqlite else ["SQLite"])
     made: list[Creation] = []
     runs: list[Throughput] = []
+    singles: list[OneByOne] = []
     with tempfile.TemporaryDirectory(prefix="newsbot-bench-codes-") as tmp:
         workdir = Path(tmp)
         for backend in backends:
@@ -403,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(redeem_throughput(backend, url, count=args.redeem,
                                               users=args.users, procs=args.procs,
                                               threads=args.threads))
+                singles.append(one_by_one(backend, url, 50 if args.quick else 1000))
             if args.http:
                 with database(backend, pg_admin, workdir, "http") as url:
                     print(f"  {backend}: {args.http:,} deliveries through newsbot serve …",
@@ -411,10 +456,10 @@ def main(argv: list[str] | None = None) -> int:
                     runs.append(http_throughput(backend, url, workdir, count=args.http,
                                                 procs=2, threads=8, server_workers=2,
                                                 server_threads=8))
-    return report(made, runs)
+    return report(made, runs, singles)
 
 
-def report(made: list[Creation], runs: list[Throughput]) -> int:
+def report(made: list[Creation], runs: list[Throughput], singles: list[OneByOne]) -> int:
     print()
     table = Table(["database", "codes", "CLI s (create + export)", "batch in process s",
                    "distinct in CSV", "stored", "sample redeemed", "result"], [])
@@ -444,6 +489,10 @@ def report(made: list[Creation], runs: list[Throughput]) -> int:
     for r in runs:
         for e in r.errors:
             print(f"  {r.backend} error: {e}")
+    for q in singles:
+        parts = ", ".join(f"{verb} {n:.1f}" for verb, n in q.statements.items())
+        print(f"  {q.backend}, one thread, no contention: {q.wall_us:,.0f} µs per code "
+              f"redemption (CPU {q.cpu_us:,.0f} µs); statements: {parts}")
     print()
     for c in made:
         print(f"{c.backend}: {c.count:,} codes created and exported in {c.cli_s:.2f} s "
