@@ -137,7 +137,7 @@ def credit(
                 operator=operator, same_reason=True)
 
 
-EntryKind = Literal["topup", "adjust", "redeem", "code", "pass", "gift", "refund"]
+EntryKind = Literal["topup", "adjust", "redeem", "code", "pass", "gift", "refund", "pay"]
 
 
 def post(
