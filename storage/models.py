@@ -95,7 +95,8 @@ class LedgerEntry(SQLModel, table=True):
     amount: int = Field(sa_type=BigInteger)
     # topup | adjust (operator) · redeem (issue unlock) · code (a code's tokens) · pass (a pass
     # bought) · gift (a gift bought for someone else) · refund (reverses the entry refers_to)
-    # · pay (tokens bought with WeChat Pay; the pay_order says which)
+    # · pay (tokens bought with WeChat Pay; the pay_order says which) · pay_refund (tokens taken
+    # back by a WeChat Pay refund, refers_to the pay entry; positive when a refund is undone)
     kind: str = Field(max_length=16)
     issue_number: int | None = None
     idempotency_key: str = Field(max_length=128, unique=True)
@@ -411,7 +412,8 @@ class PayRefund(SQLModel, table=True):
     out_trade_no: str = Field(max_length=32, index=True)
     amount_fen: int = Field(sa_type=BigInteger)
     tokens: int = Field(sa_type=BigInteger)  # debited with this refund
-    status: str = Field(default="requested", max_length=16)
+    status: str = Field(default="requested", max_length=16)  # requested | processing |
+    # success | abnormal | closed | refused (WeChat said no: the debit was given back)
     debit_entry_id: int | None = None
     reason: str = Field(max_length=80)
     forced: bool = False

@@ -31,8 +31,8 @@ from sqlmodel import Session, col, select
 
 from storage import ledger
 from storage.errors import DomainError, InsufficientBalance
-from storage.models import Issue, PayOrder, utcnow
-from storage.subscribers import ensure_subscriber
+from storage.models import Issue, PayOrder, PayRefund, utcnow
+from storage.subscribers import ensure_subscriber, lock_subscriber
 
 _ORDER: Table = PayOrder.__table__  # type: ignore[attr-defined]
 _ISSUE: Table = Issue.__table__  # type: ignore[attr-defined]
@@ -405,3 +405,167 @@ def _unlock(session: Session, order: PayOrder,
         return "short", None, balance
     entry_id = result.entry.id if result.entry is not None else None
     return result.status, entry_id, result.balance
+
+
+# -- refunds -------------------------------------------------------------------------------
+
+RefundStatus = Literal["requested", "processing", "success", "abnormal", "closed", "refused"]
+# What WeChat reports, as our status.
+WECHAT_REFUND_STATUS: Final[dict[str, RefundStatus]] = {
+    "PROCESSING": "processing", "SUCCESS": "success", "ABNORMAL": "abnormal",
+    "CLOSED": "closed"}
+REFUND_OPEN: Final[tuple[str, ...]] = ("requested", "processing")
+RefundRefusal = Literal["not_paid", "nothing_left", "too_much", "spent", "no_reason"]
+
+
+class RefundRefused(PaymentError):
+    """A refund that cannot be made; nothing was written. ``why`` is for the CLI's words."""
+
+    def __init__(self, message: str, *, why: RefundRefusal, balance: int | None = None,
+                 tokens: int | None = None) -> None:
+        super().__init__(message)
+        self.why = why
+        self.balance = balance
+        self.tokens = tokens
+
+
+class UnknownRefund(PaymentError):
+    def __init__(self, out_refund_no: str) -> None:
+        super().__init__(f"no refund {out_refund_no[:64]!r}")
+        self.out_refund_no = out_refund_no
+
+
+def refund_key(out_refund_no: str) -> str:
+    return f"pay-refund:{out_refund_no}"
+
+
+def _tokens_for(order: PayOrder, refunded_fen: int) -> int:
+    """Tokens that refunding ``refunded_fen`` of the order takes back, in proportion (whole
+    tokens, rounded down; refunding everything takes back exactly what was credited)."""
+    return order.tokens * refunded_fen // order.amount_fen
+
+
+def _lock_order(session: Session, out_trade_no: str) -> PayOrder:
+    if session.autoflush:
+        session.flush()
+    order = session.exec(select(PayOrder).where(PayOrder.out_trade_no == out_trade_no)
+                         .with_for_update().execution_options(populate_existing=True)).first()
+    if order is None:
+        raise UnknownOrder(out_trade_no)
+    return order
+
+
+def list_refunds(session: Session, *, out_trade_no: str | None = None,
+                 status: Sequence[str] | None = None) -> list[PayRefund]:
+    stmt = select(PayRefund)
+    if out_trade_no is not None:
+        stmt = stmt.where(PayRefund.out_trade_no == out_trade_no)
+    if status is not None:
+        stmt = stmt.where(col(PayRefund.status).in_(list(status)))
+    return list(session.exec(stmt.order_by(col(PayRefund.created_at),
+                                           col(PayRefund.out_refund_no))).all())
+
+
+def get_refund(session: Session, *, out_refund_no: str) -> PayRefund | None:
+    if session.autoflush:
+        session.flush()
+    return session.get(PayRefund, out_refund_no, populate_existing=True)
+
+
+def request_refund(session: Session, *, out_trade_no: str, amount_fen: int | None,
+                   reason: str, force: bool = False, operator: str | None = None,
+                   now: datetime | None = None) -> PayRefund:
+    """Record a refund and debit its tokens, in the caller's transaction, BEFORE WeChat is
+    asked (then ``note_refund``). Refused, writing nothing, when the subscriber has already
+    spent the tokens, unless ``force``: then what is left is debited. Runs under the order's
+    and the subscriber's row locks, so two refunds of one order are decided one at a time."""
+    if not reason.strip():
+        raise RefundRefused("a reason is required", why="no_reason")
+    at = now or utcnow()
+    order = _lock_order(session, out_trade_no)
+    if order.status not in SETTLED or order.credit_entry_id is None:
+        raise RefundRefused(f"order {out_trade_no} is {order.status}, not paid: nothing to "
+                            "refund", why="not_paid")
+    left = order.amount_fen - order.refunded_fen
+    if left <= 0:
+        raise RefundRefused(f"order {out_trade_no} is refunded in full already",
+                            why="nothing_left")
+    amount = left if amount_fen is None else amount_fen
+    if not 1 <= amount <= left:
+        raise RefundRefused(f"refund {amount} fen is not between 1 and the {left} fen left "
+                            f"of order {out_trade_no}", why="too_much")
+    due = _tokens_for(order, order.refunded_fen + amount) - _tokens_for(order,
+                                                                      order.refunded_fen)
+    balance = lock_subscriber(session, openid=order.openid)
+    tokens = due
+    if balance < due:
+        if not force:
+            raise RefundRefused(
+                f"{order.openid} has {balance} of the {due} tokens this refund takes back "
+                "(spent since): refused; --force refunds anyway and debits what is left",
+                why="spent", balance=balance, tokens=due)
+        tokens = balance
+    seq = len(list_refunds(session, out_trade_no=out_trade_no)) + 1
+    no = f"{out_trade_no}R{seq}"
+    entry_id: int | None = None
+    if tokens > 0:
+        entry_id = ledger.post(
+            session, openid=order.openid, amount=-tokens, kind="pay_refund",
+            key=refund_key(no), refers_to=order.credit_entry_id,
+            reason=f"WeChat Pay refund {no} ¥{yuan(amount)}: {reason.strip()}"[:500],
+            operator=operator).entry.id
+    refund = PayRefund(out_refund_no=no, out_trade_no=out_trade_no, amount_fen=amount,
+                       tokens=tokens, status="requested", debit_entry_id=entry_id,
+                       reason=reason.strip()[:80], forced=force and tokens < due,
+                       operator=operator, created_at=at)
+    session.add(refund)
+    refunded = order.refunded_fen + amount
+    _set(session, out_trade_no, where_status=None, refunded_fen=refunded,
+         status="refunded" if refunded == order.amount_fen else order.status)
+    session.flush()
+    return refund
+
+
+def note_refund(session: Session, *, out_refund_no: str, status: str,
+                refund_id: str | None = None, error: str | None = None,
+                now: datetime | None = None) -> PayRefund:
+    """What WeChat said about a refund (its answer, a query or a REFUND.* notification):
+    PROCESSING / SUCCESS / ABNORMAL / CLOSED, or ``refused`` (a definite no to the request).
+    A refund that gives no money back (refused, closed) gives the tokens back too, once.
+    A final status is never changed again."""
+    at = now or utcnow()
+    if session.autoflush:
+        session.flush()
+    refund = session.exec(select(PayRefund).where(PayRefund.out_refund_no == out_refund_no)
+                          .with_for_update().execution_options(populate_existing=True)
+                          ).first()
+    if refund is None:
+        raise UnknownRefund(out_refund_no)
+    new = status if status == "refused" else WECHAT_REFUND_STATUS.get(status)
+    if new is None:
+        raise PaymentError(f"unknown refund status {status[:20]!r}")
+    if refund.status not in REFUND_OPEN and refund.status != "abnormal":
+        return refund  # final already: a duplicate notification or a late answer
+    if new in ("refused", "closed"):
+        _give_back(session, refund, at)
+    refund.status = new
+    refund.refund_id = refund_id or refund.refund_id
+    if error is not None:
+        refund.error = error[:500]
+    if new not in REFUND_OPEN:
+        refund.finished_at = at
+    session.add(refund)
+    session.flush()
+    return refund
+
+
+def _give_back(session: Session, refund: PayRefund, at: datetime) -> None:
+    """The money was not returned: undo the refund's debit and its share of the order."""
+    order = _lock_order(session, refund.out_trade_no)
+    if refund.tokens > 0 and refund.debit_entry_id is not None:
+        ledger.post(session, openid=order.openid, amount=refund.tokens, kind="pay_refund",
+                    key=refund_key(refund.out_refund_no) + ":undone",
+                    refers_to=refund.debit_entry_id,
+                    reason=f"WeChat Pay refund {refund.out_refund_no} did not go through")
+    _set(session, order.out_trade_no, where_status=None,
+         refunded_fen=order.refunded_fen - refund.amount_fen, status="paid")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine
@@ -77,7 +78,7 @@ def test_settle_credits_once(engine: Engine) -> None:
 @pytest.mark.parametrize("change", [
     {"total_fen": 1}, {"currency": "USD"}, {"mchid": "1900000002"}, {"appid": "wx_other"},
     {"payer_openid": "o_other"}, {"out_trade_no": "NBsomethingelse"}])
-def test_settle_refuses_what_is_not_our_order(engine: Engine, change: dict[str, object]) -> None:
+def test_settle_refuses_what_is_not_our_order(engine: Engine, change: dict[str, Any]) -> None:
     no = _order(engine)
     with transaction(engine) as s, pytest.raises(payments.PaymentMismatch):
         payments.settle(s, out_trade_no=no, transaction=replace(Tx(no), **change))
