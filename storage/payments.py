@@ -282,8 +282,17 @@ def mark_closed(session: Session, *, out_trade_no: str, now: datetime | None = N
                 **values)
 
 
-def note_query(session: Session, *, out_trade_no: str, now: datetime | None = None) -> None:
-    _set(session, out_trade_no, where_status=None, last_query_at=now or utcnow())
+def claim_query(session: Session, *, out_trade_no: str, now: datetime,
+                min_interval: timedelta) -> bool:
+    """Take the turn to ask WeChat about a waiting order: False when another process asked
+    less than ``min_interval`` ago (every scheduler may run the sync job)."""
+    stmt = (sa_update(_ORDER)
+            .where(_ORDER.c.out_trade_no == out_trade_no,
+                   _ORDER.c.status.in_(["creating", "pending"]),
+                   _ORDER.c.last_query_at.is_(None)
+                   | (_ORDER.c.last_query_at <= now - min_interval))
+            .values(last_query_at=now).returning(_ORDER.c.out_trade_no))
+    return session.connection().execute(stmt).first() is not None
 
 
 def list_orders(session: Session, *, status: str | None = None, openid: str | None = None,
