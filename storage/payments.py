@@ -424,7 +424,8 @@ WECHAT_REFUND_STATUS: Final[dict[str, RefundStatus]] = {
     "PROCESSING": "processing", "SUCCESS": "success", "ABNORMAL": "abnormal",
     "CLOSED": "closed"}
 REFUND_OPEN: Final[tuple[str, ...]] = ("requested", "processing")
-RefundRefusal = Literal["not_paid", "nothing_left", "too_much", "spent", "no_reason"]
+RefundRefusal = Literal["not_paid", "nothing_left", "too_much", "spent", "no_reason",
+                        "unsent"]
 
 
 class RefundRefused(PaymentError):
@@ -495,6 +496,13 @@ def request_refund(session: Session, *, out_trade_no: str, amount_fen: int | Non
     if order.status not in SETTLED or order.credit_entry_id is None:
         raise RefundRefused(f"order {out_trade_no} is {order.status}, not paid: nothing to "
                             "refund", why="not_paid")
+    unsent = list_refunds(session, out_trade_no=out_trade_no, status=("requested",))
+    if unsent:
+        # Asked again while the first request still waits to be sent: a second refund would
+        # return the money twice. The sync resends the first with its own out_refund_no.
+        raise RefundRefused(f"refund {unsent[0].out_refund_no} of order {out_trade_no} has not "
+                            "reached WeChat Pay yet: run `newsbot pay sync` to send it",
+                            why="unsent")
     left = order.amount_fen - order.refunded_fen
     if left <= 0:
         raise RefundRefused(f"order {out_trade_no} is refunded in full already",

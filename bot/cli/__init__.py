@@ -16,11 +16,11 @@ accepted, for `broadcast resume`.
 
 from __future__ import annotations
 
-from bot.cli import content, db, money, run, wechat
+from bot.cli import content, db, money, pay, run, wechat
 from bot.cli.base import app
 from bot.logs import setup_logging
 
-__all__ = ["app", "content", "db", "main", "money", "run", "wechat"]
+__all__ = ["app", "content", "db", "main", "money", "pay", "run", "wechat"]
 
 
 def main() -> None:
