@@ -24,13 +24,13 @@ from datetime import datetime, timedelta
 from typing import Any, Final, Literal, Protocol
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Table
+from sqlalchemy import Table, text
 from sqlalchemy import select as sa_select
 from sqlalchemy import update as sa_update
 from sqlmodel import Session, col, select
 
 from storage import ledger
-from storage.errors import DomainError, InsufficientBalance
+from storage.errors import DomainError, InsufficientBalance, UnknownSubscriber
 from storage.models import Issue, PayOrder, PayRefund, utcnow
 from storage.subscribers import ensure_subscriber, lock_subscriber
 
@@ -362,38 +362,121 @@ def check_transaction(order: PayOrder, tx: TransactionLike) -> None:
         raise PaymentMismatch("payer openid is not the one who ordered")
 
 
+def _read_order(session: Session, out_trade_no: str) -> PayOrder:
+    """The order as a plain object outside the session: one Core SELECT, no ORM identity
+    bookkeeping (settle is the notify endpoint's hot path; docs/benchmarks.md §6)."""
+    row = session.connection().execute(
+        sa_select(_ORDER).where(_ORDER.c.out_trade_no == out_trade_no)).first()
+    if row is None:
+        raise UnknownOrder(out_trade_no)
+    return PayOrder(**row._mapping)
+
+
 def settle(session: Session, *, out_trade_no: str, transaction: TransactionLike,
            now: datetime | None = None) -> Settlement:
     """Credit a paid order exactly once, in the caller's transaction (see the module doc).
 
     Raises UnknownOrder, or PaymentMismatch when the transaction is not this order's (nothing
-    written). A transaction that is not SUCCESS writes nothing and returns ``not_paid``."""
-    order = require_order(session, out_trade_no=out_trade_no)
+    written). A transaction that is not SUCCESS writes nothing and returns ``not_paid``.
+    ``Settlement.order`` is a snapshot, not attached to the session."""
+    if session.autoflush:
+        session.flush()
+    order = _read_order(session, out_trade_no)
     check_transaction(order, transaction)
     if transaction.trade_state != "SUCCESS":
         return Settlement(order, "not_paid")
     at = now or utcnow()
-    claimed = _set(session, out_trade_no, where_status=UNSETTLED, status="paid", paid_at=at,
-                   transaction_id=transaction.transaction_id,
-                   payer_openid=transaction.payer_openid, error=None)
-    if not claimed:
-        return Settlement(require_order(session, out_trade_no=out_trade_no), "already")
-    ensure_subscriber(session, openid=order.openid, at=at)
-    credit = ledger.post(
-        session, openid=order.openid, amount=order.tokens, kind="pay",
-        key=credit_key(out_trade_no),
-        reason=f"WeChat Pay {out_trade_no} ¥{yuan(order.amount_fen)}")
-    if credit.replayed:  # claimed twice? the ledger key still credits once
-        return Settlement(require_order(session, out_trade_no=out_trade_no), "already")
-    balance = credit.balance
+    paid = {"status": "paid", "paid_at": at, "transaction_id": transaction.transaction_id,
+            "payer_openid": transaction.payer_openid, "error": None}
+    if session.connection().dialect.name == "postgresql":
+        claimed = _pg_claim_and_credit(session, order, paid, at)
+        if claimed is None:
+            return Settlement(_read_order(session, out_trade_no), "already")
+        entry_id, balance = claimed
+    else:
+        if not _set(session, out_trade_no, where_status=UNSETTLED, **paid):
+            return Settlement(_read_order(session, out_trade_no), "already")
+        credit = _credit(session, order, at)
+        if credit.replayed:  # claimed twice? the ledger key still credits once
+            return Settlement(_read_order(session, out_trade_no), "already")
+        assert credit.entry.id is not None
+        entry_id, balance = credit.entry.id, credit.balance
+        _set(session, out_trade_no, where_status=None, credit_entry_id=entry_id)
     unlock: UnlockOutcome | None = None
     unlock_entry: int | None = None
     if order.issue_number is not None:
         unlock, unlock_entry, balance = _unlock(session, order, balance)
-    _set(session, out_trade_no, where_status=None, credit_entry_id=credit.entry.id,
-         unlock_entry_id=unlock_entry, unlock_note=unlock)
-    return Settlement(require_order(session, out_trade_no=out_trade_no), "credited",
-                      tokens=order.tokens, balance=balance, unlock=unlock)
+    if order.issue_number is not None:
+        _set(session, out_trade_no, where_status=None, unlock_entry_id=unlock_entry,
+             unlock_note=unlock)
+    done = {"credit_entry_id": entry_id, "unlock_entry_id": unlock_entry, "unlock_note": unlock}
+    for name, value in (paid | done).items():
+        setattr(order, name, value)
+    return Settlement(order, "credited", tokens=order.tokens, balance=balance, unlock=unlock)
+
+
+# PostgreSQL: the claim, the balance and the ledger entry in ONE statement (the notify
+# endpoint's hot path; docs/benchmarks.md §6). The claim draws the entry's id from the
+# ledger's sequence so the order points at its credit without a second UPDATE of the row. The
+# balance moves only if the claim changed the order, and the entry hangs off the balance
+# update, so balance_after is the balance under the row lock. If the subscriber row is
+# missing, the claim returns but nothing else does and the caller falls back.
+_PG_SETTLE = text("""
+WITH claim AS (
+    UPDATE pay_order SET status = 'paid', paid_at = :paid_at, transaction_id = :transaction_id,
+           payer_openid = :payer_openid, error = NULL,
+           credit_entry_id = nextval(pg_get_serial_sequence('ledger_entry', 'id'))
+    WHERE out_trade_no = :no AND status IN ('creating', 'pending', 'failed', 'closed')
+    RETURNING openid, tokens, credit_entry_id
+), moved AS (
+    UPDATE subscriber SET balance = subscriber.balance + claim.tokens
+    FROM claim WHERE subscriber.openid = claim.openid
+    RETURNING subscriber.balance
+), entry AS (
+    INSERT INTO ledger_entry (id, openid, amount, kind, idempotency_key, reason,
+                              balance_after, created_at)
+    SELECT claim.credit_entry_id, claim.openid, claim.tokens, 'pay', :key, :reason,
+           moved.balance, :paid_at
+    FROM claim, moved
+    RETURNING id, balance_after
+)
+SELECT claim.credit_entry_id AS claimed, entry.id AS entry_id, entry.balance_after
+FROM claim LEFT JOIN entry ON true
+""")
+
+
+def _pg_claim_and_credit(session: Session, order: PayOrder, paid: dict[str, Any],
+                         at: datetime) -> tuple[int, int] | None:
+    """(entry id, balance) when this call claimed and credited the order; None when it was
+    settled already."""
+    row = session.connection().execute(_PG_SETTLE, {
+        "no": order.out_trade_no, "paid_at": at, "transaction_id": paid["transaction_id"],
+        "payer_openid": paid["payer_openid"], "key": credit_key(order.out_trade_no),
+        "reason": f"WeChat Pay {order.out_trade_no} ¥{yuan(order.amount_fen)}"}).first()
+    if row is None:
+        return None
+    if row.entry_id is not None:
+        return int(row.entry_id), int(row.balance_after)
+    # Claimed, but no subscriber row to credit: make it, credit the ordinary way.
+    credit = _credit(session, order, at)
+    if credit.replayed:
+        raise RuntimeError(f"order {order.out_trade_no} claimed but already credited")
+    _set(session, order.out_trade_no, where_status=None, credit_entry_id=credit.entry.id)
+    assert credit.entry.id is not None
+    return credit.entry.id, credit.balance
+
+
+def _credit(session: Session, order: PayOrder, at: datetime) -> ledger.LedgerResult:
+    def post() -> ledger.LedgerResult:
+        return ledger.post(session, openid=order.openid, amount=order.tokens, kind="pay",
+                           key=credit_key(order.out_trade_no),
+                           reason=f"WeChat Pay {order.out_trade_no} ¥{yuan(order.amount_fen)}")
+
+    try:
+        return post()
+    except UnknownSubscriber:  # paid by someone we have no row for (yet): the money counts
+        ensure_subscriber(session, openid=order.openid, at=at)
+        return post()
 
 
 def _unlock(session: Session, order: PayOrder,

@@ -105,3 +105,19 @@ def test_unknown_and_unpaid(engine: Engine) -> None:
                                  transaction=replace(Tx(no), trade_state="NOTPAY",
                                                      total_fen=None))
         assert unpaid.outcome == "not_paid" and ledger.get_balance(s, openid=OPENID) == 0
+
+
+def test_a_payer_without_a_subscriber_row_is_still_credited(engine: Engine) -> None:
+    with transaction(engine) as s:
+        order = payments.new_order(s, openid="o_new_payer", package=PACKAGE, kind="native",
+                                   app_id="wx_app", mch_id="1900000001",
+                                   notify_url="https://example.com/pay/notify",
+                                   ttl=timedelta(minutes=30))
+    with transaction(engine) as s:
+        done = payments.settle(s, out_trade_no=order.out_trade_no,
+                               transaction=Tx(order.out_trade_no))
+    with transaction(engine) as s:
+        assert done.credited and ledger.get_balance(s, openid="o_new_payer") == 99
+        stored = payments.require_order(s, out_trade_no=order.out_trade_no)
+        assert stored.credit_entry_id == done.order.credit_entry_id is not None
+        assert ledger.check(s) == []
