@@ -385,6 +385,8 @@ def settle(session: Session, *, out_trade_no: str, transaction: TransactionLike,
     check_transaction(order, transaction)
     if transaction.trade_state != "SUCCESS":
         return Settlement(order, "not_paid")
+    if order.status in SETTLED:  # a duplicate: committed as settled, nothing to claim
+        return Settlement(order, "already")
     at = now or utcnow()
     paid = {"status": "paid", "paid_at": at, "transaction_id": transaction.transaction_id,
             "payer_openid": transaction.payer_openid, "error": None}
