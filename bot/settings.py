@@ -462,6 +462,11 @@ class Settings(_Section):
                     f"[{section}] {name} {state}: set it in the config file or in ${env}")
         if self.reader.secret and len(self.reader.secret) < 16 and not problems:
             problems.append("[reader] secret is too short: use at least 16 random characters")
+        if self.codes.secret.startswith(PLACEHOLDER_PREFIX):
+            # Codes would be silently off: say so rather than let a copied example sell none.
+            problems.append("[codes] secret still holds the example placeholder: set at least "
+                            "16 random characters (or \"\" to turn codes and gifts off), in the "
+                            f"config file or in ${ENV_PREFIX}CODES__SECRET")
         return problems
 
 

@@ -20,6 +20,7 @@ from handlers import (
 from handlers.config import ChatConfig
 from handlers.errors import explain
 from handlers.router import Context, Incoming, Reply, Router, Text, reads_only_route
+from handlers.selling import ways_to_get
 from storage.errors import DomainError
 
 ROUTERS: tuple[Router, ...] = (
@@ -35,6 +36,12 @@ ROUTERS: tuple[Router, ...] = (
     passes.router,
     help.router,
 )
+
+
+def click_keys(routers: tuple[Router, ...] = ROUTERS) -> frozenset[str]:
+    """The menu CLICK keys some handler answers (bot.wechat.menu accepts only these)."""
+    return frozenset(route.click_key for router in routers for route in router.routes
+                     if route.click_key is not None)
 
 
 def first_route_writes(config: ChatConfig, msg: Incoming,
@@ -58,5 +65,5 @@ def dispatch(ctx: Context, msg: Incoming, routers: tuple[Router, ...] = ROUTERS)
                 reply = handled
                 break
     except DomainError as err:
-        reply = Text(explain(err, unit=ctx.unit, topup_hint=ctx.config.how_to_get))
+        reply = Text(explain(err, unit=ctx.unit, topup_hint=ways_to_get(ctx.config)))
     return broadcast_events.with_new_issue_note(ctx, msg, reply)

@@ -5,6 +5,8 @@ fields."""
 from __future__ import annotations
 
 from handlers.numbers import BadIssueNumber
+from handlers.selling import shortfall_line
+from storage.codes import InvalidBatch
 from storage.errors import (
     BroadcastRefused,
     DomainError,
@@ -29,16 +31,17 @@ def explain(err: DomainError, *, unit: str, topup_hint: str) -> str:
         return (f"没看懂期号「{err.text}」。请写数字，如「第3期」「兑换 3」，"
                 "或回复「往期」查看全部期数。")
     if isinstance(err, InsufficientBalance):
-        return (
-            f"余额不足：需要 {err.needed} {unit}，你的余额 {err.balance} {unit}，"
-            f"还差 {err.shortfall} {unit}。\n{topup_hint}"
-        )
+        # topup_hint is handlers.selling.ways_to_get: every way to get tokens, passes too.
+        short = shortfall_line(needed=err.needed, balance=err.balance, unit=unit)
+        return f"余额不足，未扣费：{short}\n{topup_hint}"
     if isinstance(err, UnknownSubscriber):
         return f"找不到用户 {err.openid}（对方需要先给公众号发过消息）。"
     if isinstance(err, InvalidAmount):
         return "金额有误，未执行：" + _amount_problem(err, unit)
     if isinstance(err, IdempotencyConflict):
         return "这条指令与之前的一条冲突，未执行。"
+    if isinstance(err, InvalidBatch):  # a gift's code could not be made
+        return "礼品码没有生成，也没有扣费。请稍后再试，或回复「人工」联系编辑。"
     if isinstance(err, BroadcastRefused):
         return "推送未执行。请在命令行用 newsbot broadcast status 查看原因。"
     return NOT_DONE

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from handlers.config import ChatConfig
 from handlers.router import Context, Incoming, Reply, Router, Silent, Text, reads_only
 
 router = Router("help")
@@ -16,12 +17,29 @@ HELP = """📮 可用指令
 往期 [页码] — 往期目录
 3 / 第3期 / 第三期 — 查看某一期
 余额 — {unit}余额与最近记录
-充值 — 如何获取{unit}
-订阅 / 退订 — 订阅与退订说明
+充值 / 购买 — 获取{unit}的方式
+{selling}订阅 / 退订 — 订阅与退订说明
 人工 — 找编辑
 帮助 — 显示本说明
 
 期号可省略，默认本期。"""
+
+
+def selling_lines(config: ChatConfig) -> str:
+    """The help lines of the selling features that are on: codes need [codes] secret, passes
+    need [[passes]], gifts are codes (of an issue, or of a pass when passes are on)."""
+    lines = []
+    if config.codes.enabled:
+        lines.append("兑换码 — 直接发送兑换码（可带横线）即可兑换")
+    if config.passes:
+        first = config.passes[0].name
+        lines.append("会员卡 — 查看会员卡：有效期内每期全文")
+        lines.append(f"开通 {first} — 用{config.unit}开通或续期会员卡")
+    if config.codes.enabled:
+        gift = f"赠送 [期号] / 赠送 {config.passes[0].name}" if config.passes else "赠送 [期号]"
+        lines.append(f"{gift} — 买给朋友，得到一个兑换码转发给 TA")
+    return "".join(line + "\n" for line in lines)
+
 
 HUMAN = ("好的。编辑会看这里的留言并回复你：请把你的问题直接写在下一条消息里"
          "（一条说清楚最好），我们会尽快答复。")
@@ -33,7 +51,7 @@ HINT = "没太明白你的意思 🙂 回复「帮助」查看可用指令，回
 @router.click("HELP")
 @reads_only
 def show_help(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
-    return Text(HELP.format(unit=ctx.unit))
+    return Text(HELP.format(unit=ctx.unit, selling=selling_lines(ctx.config)))
 
 
 @router.command(r"(?:转|找|联系)?(?:人工|真人|客服|编辑|编辑部)(?:客服|服务)?[?!.。~]*|human")

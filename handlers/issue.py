@@ -29,12 +29,11 @@ def card_for(ctx: Context, openid: str, number: int | None, *, lead: str = "") -
     standing = ctx.standing(openid, preview.number)
     if not standing.known:
         raise UnknownSubscriber(openid)
-    covering = (passes.covering_note(ctx, openid, preview.number)
-                if standing.unlocked and not preview.is_free else None)
     return issue_card(preview, unit=ctx.unit, balance=standing.balance,
                       unlocked=standing.unlocked, lead=lead,
                       link=ctx.make_link(openid, preview.number) if preview.is_free else None,
-                      how_to_get=ways_to_get(ctx.config), pass_note=covering)
+                      how_to_get=ways_to_get(ctx.config),
+                      pass_note=None if preview.is_free else passes.covering_note(ctx, standing))
 
 
 @router.command(r"本周|最新|latest|本期|this week")

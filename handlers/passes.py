@@ -15,6 +15,7 @@ from handlers.selling import pass_line, shortfall_line, ways_to_get
 from storage import ledger, passes
 from storage.errors import InsufficientBalance
 from storage.passes import PassPurchase
+from storage.subscribers import Standing
 
 router = Router("passes")
 
@@ -35,31 +36,32 @@ def pass_name(config: ChatConfig, pass_id: str) -> str:
     return offer.name if offer is not None else pass_id
 
 
-def status_lines(ctx: Context, openid: str) -> list[str]:
-    """The reader's running pass for 余额: its name and until when; nothing without one."""
-    if not ctx.config.passes:
-        return []
+def _running(ctx: Context, openid: str) -> str | None:
+    """The reader's running pass: its name and until when."""
     held = passes.status(ctx.session, openid=openid, now=ctx.now)
     if held is None:
-        return []
-    return [f"🎫 会员卡：{pass_name(ctx.config, held.pass_id)}，有效至 "
-            f"{until_text(ctx.config, held.until)}"]
-
-
-def covering_note(ctx: Context, openid: str, issue_number: int) -> str | None:
-    """For the issue card: the pass that covers this issue, or None (not covered, or passes
-    are off)."""
-    if not ctx.config.passes or not passes.covered(ctx.session, openid=openid,
-                                                   issue_number=issue_number):
         return None
-    held = passes.status(ctx.session, openid=openid, now=ctx.now)
-    if held is None:  # read under a pass that has run out since: the issue stays theirs
-        return "本期在你的会员卡有效期内，已包含"
-    return f"会员卡有效至 {until_text(ctx.config, held.until)}，本期已包含"
+    return f"{pass_name(ctx.config, held.pass_id)}，有效至 {until_text(ctx.config, held.until)}"
+
+
+def status_lines(ctx: Context, openid: str) -> list[str]:
+    """The reader's running pass for 余额; nothing without one (or with passes off)."""
+    running = _running(ctx, openid) if ctx.config.passes else None
+    return [] if running is None else [f"🎫 会员卡：{running}"]
+
+
+def covering_note(ctx: Context, standing: Standing) -> str | None:
+    """For the card of an issue a pass covers (``standing.covered``): until when the reader's
+    pass runs. None with passes off."""
+    if not ctx.config.passes or not standing.covered:
+        return None
+    if standing.pass_until is None or standing.pass_until <= ctx.now:
+        return "本期在你的会员卡有效期内，已包含"  # the pass has run out; the issue stays theirs
+    return f"会员卡有效至 {until_text(ctx.config, standing.pass_until)}，本期已包含"
 
 
 def _offers(config: ChatConfig) -> list[str]:
-    return [f"· {offer.name}：{pass_line(offer, config.unit)}" for offer in config.passes]
+    return [f"· {pass_line(offer, config.unit)}" for offer in config.passes]
 
 
 @router.command(r"会员卡|会员卡列表|我的会员卡|月卡|季卡|半年卡|年卡|周卡|passes|pass")
@@ -70,15 +72,17 @@ def list_passes(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Rep
         return None
     lines = ["🎫 会员卡：有效期内每期全文直接阅读，不用逐期兑换。", *_offers(ctx.config)]
     standing = ctx.standing(msg.openid, None)
-    held = status_lines(ctx, msg.openid) if standing.known else []
-    if held:
-        lines += ["", *held, "再次开通会从到期时间起顺延。"]
+    running = _running(ctx, msg.openid) if standing.known else None
+    if running is not None:
+        lines += ["", f"你的会员卡：{running}", "再次开通从到期时间起顺延。"]
     lines += ["", f"你的余额：{standing.balance} {ctx.unit}"]
     return Text("\n".join(lines))
 
 
-@router.command(r"(?:开通|续费|续订|buy)\s*(?P<word>.*)")
+# 购买, 买豆 and buy alone are the buying conversation's (handlers.balance): only with a word.
+@router.command(r"(?:开通|续费|续订)\s*(?P<word>.*)")
 @router.command(r"(?:购买|买)\s*(?P<word>.+)")
+@router.command(r"buy\s+(?P<word>.+)")
 def buy_pass(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply | None:
     if not ctx.config.passes or match is None:
         return None

@@ -1,4 +1,5 @@
-"""兑换 (unlock an issue with tokens) and 全文 (the full-text link)."""
+"""兑换 (unlock an issue with tokens), the menu's unlock button (asks, never spends) and 全文
+(the full-text link)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 from handlers.format import has_excerpt, issue_heading
 from handlers.numbers import ISSUE_NUMBER
 from handlers.router import Context, Incoming, News, Reply, Router, Text, issue_arg, reads_only
+from handlers.selling import not_enough, ways_to_get
 from storage import issues, ledger
 from storage.errors import InsufficientBalance, UnknownIssue
 from storage.issues import IssuePreview
@@ -37,8 +39,8 @@ def _full_text_news(ctx: Context, openid: str, item: IssuePreview, note: str) ->
 
 
 @router.command(rf"(?:兑换|解锁|unlock|redeem)(?:\s*(?:第\s*)?(?P<n>{ISSUE_NUMBER})\s*期?)?")
-@router.click("UNLOCK")
 def unlock(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
+    """Typed 兑换: spends at once (the words are the confirmation)."""
     item = _target(ctx, issue_arg(match))
     if item.is_free:  # nothing to charge, nothing to write: just the link
         return _full_text_news(ctx, msg.openid, item, f"本期免费，无需兑换，不扣{ctx.unit}。")
@@ -61,6 +63,32 @@ def unlock(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
     )
 
 
+@router.click("UNLOCK")
+@reads_only
+def confirm_unlock(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
+    """The menu's unlock button never spends (a tap is easily a mistake, and WeChat gives a
+    click no text to confirm with): it shows the price and the balance and asks for 「兑换 N」;
+    an issue the reader may already read gets its link."""
+    item = _target(ctx, None)
+    if item.is_free:
+        return _full_text_news(ctx, msg.openid, item, f"本期免费，无需兑换，不扣{ctx.unit}。")
+    standing = ctx.standing(msg.openid, item.number)
+    if standing.unlocked:
+        return _full_text_news(ctx, msg.openid, item,
+                               f"你已可阅读本期全文（已解锁或会员卡包含），无需兑换，未扣{ctx.unit}。")
+    if standing.balance < item.price:
+        return Text(_shortfall(ctx, item, balance=standing.balance))
+    lines = [
+        f"解锁 {issue_heading(item)}：价格 {item.price} {ctx.unit}，"
+        f"你的余额 {standing.balance} {ctx.unit}。",
+        f"确认解锁请回复「兑换 {item.number}」（扣 {item.price} {ctx.unit}，"
+        f"余额将为 {standing.balance - item.price} {ctx.unit}）。",
+    ]
+    if has_excerpt(item):
+        lines.append(f"想先看看？回复「试读 {item.number}」")
+    return Text("\n".join(lines))
+
+
 @router.command(rf"(?:全文|阅读|read)(?:\s*(?:第\s*)?(?P<n>{ISSUE_NUMBER})\s*期?)?")
 @router.click("READ")
 @reads_only
@@ -70,7 +98,8 @@ def read(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
         return _full_text_news(ctx, msg.openid, item, "本期免费阅读。")
     standing = ctx.standing(msg.openid, item.number)
     if standing.unlocked:
-        return _full_text_news(ctx, msg.openid, item, "你已解锁本期。")
+        return _full_text_news(ctx, msg.openid, item,
+                               "你的会员卡包含本期。" if standing.covered else "你已解锁本期。")
     balance = standing.balance
     lines = [
         f"{issue_heading(item)} 尚未解锁。",
@@ -79,7 +108,8 @@ def read(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
     if balance >= item.price:
         lines.append(f"回复「兑换 {item.number}」立即解锁全文")
     else:
-        lines.append(f"还差 {item.price - balance} {ctx.unit}。{ctx.config.how_to_get}")
+        lines.append(f"还差 {item.price - balance} {ctx.unit}。")
+        lines.append(ways_to_get(ctx.config))
         lines.append(f"{ctx.unit}够了之后回复「兑换 {item.number}」解锁全文")
     if has_excerpt(item):
         lines.append(f"回复「试读 {item.number}」先读免费部分")
@@ -87,13 +117,11 @@ def read(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
 
 
 def _shortfall(ctx: Context, item: IssuePreview, *, balance: int) -> str:
-    """Too few tokens for 兑换: the numbers, how to get tokens, and what to reply then."""
-    unit = ctx.unit
+    """Too few tokens for 兑换: the numbers, every way to get tokens, and what to reply then."""
     lines = [
-        f"余额不足，未扣费：{issue_heading(item)} 需要 {item.price} {unit}，"
-        f"你的余额 {balance} {unit}，还差 {item.price - balance} {unit}。",
-        ctx.config.how_to_get,
-        f"{unit}够了之后回复「兑换 {item.number}」解锁全文",
+        not_enough(ctx.config, what=f"{issue_heading(item)} ", needed=item.price,
+                   balance=balance),
+        f"{ctx.unit}够了之后回复「兑换 {item.number}」解锁全文",
     ]
     if has_excerpt(item):
         lines.append(f"现在可以先回复「试读 {item.number}」免费读开头")

@@ -12,7 +12,8 @@ def pass_line(offer: PassOffer, unit: str) -> str:
 
 
 def ways_to_get(config: ChatConfig) -> str:
-    """How to get tokens (and passes), one way per line."""
+    """How to get tokens (and passes), one way per line: [tokens] how_to_get, then codes when
+    [codes] is on, then the passes of [[passes]] with the words that buy them."""
     lines = [config.how_to_get]
     if config.codes.enabled:
         lines.append("有兑换码？直接把兑换码发给我即可。")
@@ -25,3 +26,11 @@ def shortfall_line(*, needed: int, balance: int, unit: str) -> str:
     """The exact numbers of a refusal for too few tokens."""
     return (f"需要 {needed} {unit}，你的余额 {balance} {unit}，"
             f"还差 {needed - balance} {unit}。")
+
+
+def not_enough(config: ChatConfig, *, what: str, needed: int, balance: int) -> str:
+    """A refusal for too few tokens: what was not done, the exact shortfall, and every way to
+    get more. ``what`` says what was refused, e.g. 「第3期｜标题 」."""
+    return (f"余额不足，未扣费：{what}"
+            + shortfall_line(needed=needed, balance=balance, unit=config.unit)
+            + "\n" + ways_to_get(config))

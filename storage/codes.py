@@ -19,7 +19,6 @@ subscriber's text is not even looked at, so a real code sent meanwhile stays unu
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import re
 import secrets
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Table, func, insert
+from sqlalchemy import Table, bindparam, func, insert
 from sqlalchemy import select as sa_select
 from sqlalchemy import update as sa_update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -106,35 +105,66 @@ def check_ok(code: str) -> bool:
 
 def display(code: str) -> str:
     """XXXX-XXXX-XXXX-XXXX."""
-    return "-".join(code[i:i + 4] for i in range(0, len(code), 4))
+    return f"{code[:4]}-{code[4:8]}-{code[8:12]}-{code[12:]}"
 
 
 def digest(secret: bytes, code: str) -> str:
     """HMAC-SHA256 (hex) of the canonical code: the only form of a code that is stored."""
-    return hmac.new(secret, code.encode("ascii"), hashlib.sha256).hexdigest()
+    return hmac.digest(secret, code.encode("ascii"), "sha256").hex()
+
+
+# Codes are made three symbols at a time (a batch of 100,000 is 1.5 million symbols): entry i
+# of these tables is the number i < 31**3 as three symbols, and its share of the check sum at
+# each of the five places a group of three takes (weights 1-3, 4-6, … 13-15).
+_CHUNK = BASE ** 3
+_TRIPLES = [a + b + c for a in ALPHABET for b in ALPHABET for c in ALPHABET]
+_SHARES = [[sum((offset + i + 1) * _VALUE[ch] for i, ch in enumerate(t)) for t in _TRIPLES]
+           for offset in (0, 3, 6, 9, 12)]
+_RANGE = BASE ** RANDOM_SYMBOLS
+# 80 random bits below the largest multiple of 31**15 under 2**80, reduced mod 31**15, are a
+# uniform number below 31**15 (99.6 % of draws are kept).
+_DRAW_BYTES = 10
+_ACCEPT = (2 ** (8 * _DRAW_BYTES) // _RANGE) * _RANGE
 
 
 def _from_number(n: int) -> str:
-    symbols = []
-    for _ in range(RANDOM_SYMBOLS):
-        n, r = divmod(n, BASE)
-        symbols.append(ALPHABET[r])
-    body = "".join(symbols)
-    return body + _check_symbol(body)
+    """The code whose 15 random symbols spell ``n`` (below 31**15) in base 31: each symbol
+    uniform and independent when ``n`` is, as fifteen ``secrets.choice(ALPHABET)`` would be."""
+    n, a = divmod(n, _CHUNK)
+    n, b = divmod(n, _CHUNK)
+    n, c = divmod(n, _CHUNK)
+    e, d = divmod(n, _CHUNK)
+    s1, s2, s3, s4, s5 = _SHARES
+    t = _TRIPLES
+    return (t[a] + t[b] + t[c] + t[d] + t[e]
+            + ALPHABET[(s1[a] + s2[b] + s3[c] + s4[d] + s5[e]) % BASE])
 
 
 def new_code() -> str:
-    """A fresh random canonical code. One ``randbelow(31**15)`` is the same as fifteen
-    ``secrets.choice(ALPHABET)`` (each base-31 digit of a uniform number is uniform and
-    independent), at a fifteenth of the cost."""
-    return _from_number(secrets.randbelow(BASE ** RANDOM_SYMBOLS))
+    """A fresh random canonical code (74 random bits and the check symbol)."""
+    return _from_number(secrets.randbelow(_RANGE))
+
+
+def new_codes(count: int) -> list[str]:
+    """``count`` distinct fresh codes, the random bytes drawn in bulk."""
+    found: set[str] = set()
+    while len(found) < count:
+        need = count - len(found)
+        pool = secrets.token_bytes(_DRAW_BYTES * (need + need // 100 + 8))
+        for i in range(0, len(pool), _DRAW_BYTES):
+            n = int.from_bytes(pool[i:i + _DRAW_BYTES], "big")
+            if n < _ACCEPT:
+                found.add(_from_number(n % _RANGE))
+                if len(found) == count:
+                    break
+    return list(found)
 
 
 def derived_code(secret: bytes, label: str) -> str:
     """A canonical code computed from ``secret`` and ``label`` (a gift's ledger key), so the
     same label always gives the same code back (see storage.gifts for the trade-off)."""
-    n = int.from_bytes(hmac.new(secret, label.encode("utf-8"), hashlib.sha256).digest(), "big")
-    return _from_number(n % BASE ** RANDOM_SYMBOLS)  # 256 bits mod 2**74: no visible bias
+    n = int.from_bytes(hmac.digest(secret, label.encode("utf-8"), "sha256"), "big")
+    return _from_number(n % _RANGE)  # 256 bits reduced mod about 2**74: no visible bias
 
 
 # --------------------------------------------------------------------------- batches
@@ -205,10 +235,7 @@ def create_batch(
             .where(Issue.__table__.c.number == issue_number)).first() is None:  # type: ignore[attr-defined]
         raise InvalidBatch(f"there is no issue {issue_number}", field="issue_number")
     if codes is None:
-        fresh: set[str] = set()
-        while len(fresh) < count:
-            fresh.add(new_code())
-        codes = list(fresh)
+        codes = new_codes(count)
     elif len(codes) != count or len(set(codes)) != count:
         raise InvalidBatch("codes must be count distinct codes", field="codes")
     batch = CodeBatch(kind=kind, tokens=tokens, issue_number=issue_number, pass_id=pass_id,
@@ -219,11 +246,24 @@ def create_batch(
         session.add(batch)
         session.flush()
         assert batch.id is not None
-        session.connection().execute(
-            insert(_CODE),
-            [{"batch_id": batch.id, "digest": digest(secret, c), "uses": uses, "used": 0}
-             for c in codes])
+        _insert_codes(session, batch.id, uses, sorted(digest(secret, c) for c in codes))
     return NewBatch(batch, [display(c) for c in codes])
+
+
+def _insert_codes(session: Session, batch_id: int, uses: int, digests: list[str]) -> None:
+    """Bulk insert, in digest order so the unique index grows at its end instead of all over:
+    COPY on PostgreSQL, one executemany on SQLite's driver (Core would process each row's
+    parameters again). 100,000 codes take a few seconds either way."""
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        cursor: Any = conn.connection.cursor()  # psycopg's, in this very transaction
+        with cursor.copy("COPY redemption_code (batch_id, digest, uses, used) FROM STDIN") as copy:
+            for d in digests:
+                copy.write_row((batch_id, d, uses, 0))
+        return
+    conn.exec_driver_sql(
+        "INSERT INTO redemption_code (batch_id, digest, uses, used) VALUES (?, ?, ?, 0)",
+        [(batch_id, d, uses) for d in digests])
 
 
 # --------------------------------------------------------------------------- redeeming
@@ -251,23 +291,36 @@ class _Found:
     batch: CodeBatch
 
 
-def _frozen_until(session: Session, openid: str, now: datetime) -> datetime | None:
+def _lock(session: Session, openid: str) -> tuple[int, datetime | None]:
+    """Balance and freeze end of ``openid``, holding their row lock until COMMIT (the lock
+    redeem and pass grants take too: one reader's unlocks, codes and passes are decided one
+    after another). The freeze is read by a statement of its own, after the lock is granted:
+    under READ COMMITTED the locking statement's snapshot predates the wait, so a freeze
+    committed by the transaction we waited for would be missed."""
+    balance = lock_subscriber(session, openid=openid)
     until = session.connection().execute(
         sa_select(_FREEZE.c.until).where(_FREEZE.c.openid == openid)).scalar()
-    return until if until is not None and until > now else None
+    return balance, until
+
+
+_BATCH_COLUMNS = [c.label(f"b_{c.name}") for c in _BATCH.c]
+_FIND = (
+    sa_select(_CODE.c.id, _CODE.c.used, _CODE.c.uses, _CODE.c.revoked_at,
+              sa_select(_USE.c.id).where(_USE.c.code_id == _CODE.c.id,
+                                         _USE.c.openid == bindparam("openid"))
+              .exists().label("mine"), *_BATCH_COLUMNS)
+    .join(_BATCH, _BATCH.c.id == _CODE.c.batch_id)
+    .where(_CODE.c.digest == bindparam("digest"))
+)
 
 
 def _find(session: Session, *, openid: str, code_digest: str) -> _Found | None:
+    """The code with this digest, its batch and whether ``openid`` used it: one round trip."""
     row = session.connection().execute(
-        sa_select(_CODE.c.id, _CODE.c.used, _CODE.c.uses, _CODE.c.revoked_at, _CODE.c.batch_id,
-                  sa_select(_USE.c.id).where(_USE.c.code_id == _CODE.c.id,
-                                             _USE.c.openid == openid)
-                  .exists().label("mine"))
-        .where(_CODE.c.digest == code_digest)).first()
+        _FIND, {"openid": openid, "digest": code_digest}).first()
     if row is None:
         return None
-    batch = session.get(CodeBatch, row.batch_id)
-    assert batch is not None, f"code {row.id} of a missing batch {row.batch_id}"
+    batch = CodeBatch(**{c.name: row._mapping[f"b_{c.name}"] for c in _BATCH.c})
     return _Found(int(row.id), int(row.used), int(row.uses), row.revoked_at, bool(row.mine),
                   batch)
 
@@ -289,14 +342,12 @@ def _refusal(found: _Found, *, openid: str, now: datetime) -> Status | None:
 
 
 def _record_failure(session: Session, *, openid: str, reason: Status, now: datetime,
-                    rules: _Rules) -> tuple[int, datetime | None]:
+                    rules: _Rules, last_freeze: datetime | None) -> tuple[int, datetime | None]:
     """Count the failure; freeze when it is the last one allowed. Returns (attempts left,
     the freeze's end if this failure froze the subscriber). Runs under the subscriber's lock."""
     conn = session.connection()
     conn.execute(insert(_FAILURE).values(openid=openid, reason=reason, at=now))
     since = now - rules.window
-    last_freeze = conn.execute(
-        sa_select(_FREEZE.c.until).where(_FREEZE.c.openid == openid)).scalar()
     if last_freeze is not None and last_freeze > since:
         since = last_freeze  # failures before a served freeze are paid for
     failures = int(conn.execute(
@@ -345,15 +396,14 @@ def redeem_code(
     now = now or utcnow()
     if not secret:
         return CodeOutcome("disabled", ledger.get_balance(session, openid=openid))
-    balance = lock_subscriber(session, openid=openid)
-    until = _frozen_until(session, openid, now)
-    if until is not None:  # the text is not even looked at: a real code stays unused
+    balance, until = _lock(session, openid)
+    if until is not None and until > now:  # the text is not even looked at: it stays unused
         return CodeOutcome("frozen", balance, frozen_until=until)
     rules = _Rules(max_failures, window, freeze)
 
     def fail(status: Status, batch: CodeBatch | None = None) -> CodeOutcome:
         left, frozen = _record_failure(session, openid=openid, reason=status, now=now,
-                                       rules=rules)
+                                       rules=rules, last_freeze=until)
         return CodeOutcome(status, balance, batch=batch, failures_left=left,
                            frozen_until=frozen,
                            issue_number=batch.issue_number if batch is not None else None)
@@ -377,7 +427,7 @@ def redeem_code(
         return CodeOutcome("already_owned", balance, batch=batch,
                            issue_number=batch.issue_number)
     try:
-        return _grant(session, openid=openid, found=found, key=key, now=now)
+        return _grant(session, openid=openid, found=found, key=key, now=now, balance=balance)
     except _Lost:
         # Used up or revoked between our read and the claim (another subscriber won).
         found = _find(session, openid=openid, code_digest=digest(secret, code))
@@ -389,8 +439,8 @@ def redeem_code(
         return fail("already_used", batch)
 
 
-def _grant(session: Session, *, openid: str, found: _Found, key: str,
-           now: datetime) -> CodeOutcome:
+def _grant(session: Session, *, openid: str, found: _Found, key: str, now: datetime,
+           balance: int) -> CodeOutcome:
     """Claim one use, record it and grant, in one savepoint: all of it or none."""
     batch = found.batch
     assert batch.id is not None
@@ -415,7 +465,6 @@ def _grant(session: Session, *, openid: str, found: _Found, key: str,
             conn.execute(insert(_USE).values(**use, ledger_entry_id=credit.entry.id))
             return CodeOutcome("granted", credit.balance, batch=batch, tokens=batch.tokens)
         use_id = int(conn.execute(insert(_USE).values(**use).returning(_USE.c.id)).scalar_one())
-        balance = ledger.get_balance(session, openid=openid)
         if batch.kind == "issue":
             conn.execute(insert(_ENT).values(openid=openid, issue_number=batch.issue_number,
                                              ledger_entry_id=None, code_redemption_id=use_id,

@@ -35,6 +35,8 @@ from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 from sqlmodel import Session, col, select, update
 
+from storage import audit
+from storage.audit import Mismatch
 from storage.coverage import covered_clause
 from storage.errors import (
     IdempotencyConflict,
@@ -427,18 +429,10 @@ def unlocked_issues(session: Session, *, openid: str) -> set[int]:
     return {int(n) for n in rows} | {int(n) for (n,) in covered}
 
 
-@dataclass(frozen=True)
-class Mismatch:
-    openid: str
-    cached: int
-    ledger: int
-    problem: str
-    about_balance: bool = True  # False: an unlock and its charge disagree (cached/ledger n/a)
-
-
 def check(session: Session) -> list[Mismatch]:
-    """Every subscriber's cached balance against the sum of their entries, and unlocks against
-    charges both ways; an empty list means the books balance."""
+    """Every subscriber's cached balance against the sum of their entries, then every unlock,
+    code, pass, gift and refund against its source (storage.audit); an empty list means the
+    books balance."""
     sums = dict(session.exec(
         select(LedgerEntry.openid, func.coalesce(func.sum(LedgerEntry.amount), 0))
         .group_by(col(LedgerEntry.openid))
@@ -455,46 +449,4 @@ def check(session: Session) -> list[Mismatch]:
     for openid, total in sums.items():
         if openid not in seen:
             problems.append(Mismatch(openid, 0, int(total), "ledger entries for unknown user"))
-    return problems + _check_unlocks(session)
-
-
-def _check_unlocks(session: Session) -> list[Mismatch]:
-    """Redeem is the only way to an unlock, and it writes the charge and the unlock together:
-    so every unlock must point at a redeem charge of the same user for the same issue, and
-    every redeem charge must have exactly that unlock. (A free issue grants no unlock; an
-    unlock without a charge of an issue that is free now gives nothing away and is let be.)"""
-    problems: list[Mismatch] = []
-
-    def flag(openid: str, problem: str) -> None:
-        problems.append(Mismatch(openid, 0, 0, problem, about_balance=False))
-
-    unlocks = session.execute(
-        sa_select(_ENT_T.c.openid, _ENT_T.c.issue_number, _ENT_T.c.ledger_entry_id,
-                  _ENTRY_T.c.id, _ENTRY_T.c.openid, _ENTRY_T.c.kind, _ENTRY_T.c.issue_number,
-                  _ISSUE_T.c.price)
-        .select_from(_ENT_T.outerjoin(_ENTRY_T, _ENTRY_T.c.id == _ENT_T.c.ledger_entry_id)
-                     .outerjoin(_ISSUE_T, _ISSUE_T.c.number == _ENT_T.c.issue_number))
-        .order_by(_ENT_T.c.id)).all()
-    paid_for: set[int] = set()  # charges that have their own unlock
-    for openid, number, entry_ref, entry_id, entry_openid, kind, entry_issue, price in unlocks:
-        if entry_ref is None:
-            if price is None or price > 0:
-                flag(openid, f"unlock of issue {number} without its charge")
-        elif entry_id is None:
-            flag(openid, f"unlock of issue {number} points at ledger entry #{entry_ref}, "
-                         "which does not exist")
-        elif (entry_openid, kind, entry_issue) != (openid, "redeem", number):
-            what = (f"a {kind} of issue {entry_issue}" if entry_issue is not None
-                    else f"a {kind}")
-            flag(openid, f"unlock of issue {number} points at ledger entry #{entry_id}, which "
-                         f"is {what} by {entry_openid}")
-        else:
-            paid_for.add(int(entry_id))
-    charges = session.execute(
-        sa_select(_ENTRY_T.c.id, _ENTRY_T.c.openid, _ENTRY_T.c.issue_number)
-        .where(_ENTRY_T.c.kind == "redeem").order_by(_ENTRY_T.c.id)).all()
-    for entry_id, openid, number in charges:
-        if int(entry_id) not in paid_for:
-            flag(openid, f"redemption of issue {number} (ledger entry #{entry_id}) without "
-                         "its unlock")
-    return problems
+    return problems + audit.problems(session)

@@ -143,14 +143,14 @@ def refund_pass(session: Session, *, openid: str, pass_id: str, reason: str, key
     bought = [p for p in held if p.source == "purchase" and p.ledger_entry_id is not None]
     plan: list[tuple[PassPeriod, LedgerEntry, int, int]] = []
     for period in bought:
-        if period.refund_entry_id is not None:
+        if period.refund_entry_id is not None:  # once, whatever ``now`` a caller passes
             continue
         debit = session.get(LedgerEntry, period.ledger_entry_id)
-        days = unused_days(period, now)
-        if debit is None or debit.amount >= 0 or days < 1:
+        if debit is None or debit.kind != "pass" or debit.amount >= 0:
             continue
+        days = unused_days(period, now)
         tokens = -debit.amount * days // period.days
-        if tokens >= 1:  # a day worth less than a token is not worth cutting the pass for
+        if tokens >= 1:  # no whole day left, or days worth less than a token: keep the pass
             plan.append((period, debit, days, tokens))
     if not plan:
         raise _why_nothing_left(openid, pass_id, held=held, bought=bought)

@@ -4,7 +4,7 @@ records and stay, so a returning reader finds everything as they left it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, text
@@ -112,17 +112,20 @@ class Standing:
 
     known: bool  # has a subscriber row (and so a balance)
     balance: int
-    unlocked: bool  # holds the entitlement to the issue
+    unlocked: bool  # holds the entitlement to the issue, or a pass covers it
     notified: bool  # has been told the issue is out (broadcast mode "off")
+    covered: bool = False  # a pass covers the issue (storage.passes)
+    pass_until: datetime | None = None  # when the reader's last pass period ends
 
 
 # One statement instead of three: it runs on nearly every message. Plain SQL with :name
 # parameters, so storage.fastpath runs the very same text on the driver.
 STANDING_SQL = (
     "SELECT (SELECT balance FROM subscriber WHERE openid = :openid),"
-    " (EXISTS (SELECT 1 FROM entitlement WHERE openid = :openid AND issue_number = :issue)"
-    " OR " + COVERED_SQL + "),"
-    " EXISTS (SELECT 1 FROM issue_notice WHERE openid = :openid AND issue_number = :issue)"
+    " EXISTS (SELECT 1 FROM entitlement WHERE openid = :openid AND issue_number = :issue),"
+    " EXISTS (SELECT 1 FROM issue_notice WHERE openid = :openid AND issue_number = :issue),"
+    " " + COVERED_SQL + ","
+    " (SELECT MAX(COALESCE(cut_at, ends_at)) FROM pass_period WHERE openid = :openid)"
 )
 _STANDING = text(STANDING_SQL)
 
@@ -132,9 +135,17 @@ def standing_params(openid: str, issue_number: int | None) -> dict[str, object]:
 
 
 def standing_from_row(row: Any) -> Standing:
-    balance, unlocked, notified = row
+    balance, entitled, notified, covered, until = row
     return Standing(known=balance is not None, balance=int(balance or 0),
-                    unlocked=bool(unlocked), notified=bool(notified))
+                    unlocked=bool(entitled or covered), notified=bool(notified),
+                    covered=bool(covered), pass_until=_utc(until))
+
+
+def _utc(value: datetime | str | None) -> datetime | None:
+    """A timestamp read on the driver: SQLite hands back its stored text, without a zone."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value if value is None or value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def standing(session: Session, *, openid: str, issue_number: int | None) -> Standing:

@@ -472,3 +472,33 @@ def test_create_batch_refuses_bad_requests(engine: Engine) -> None:
     with transaction(engine) as s:
         assert s.exec(select(func.count()).select_from(CodeBatch)).one() == 0
         assert s.exec(select(func.count()).select_from(RedemptionCode)).one() == 0
+
+
+@pytest.mark.skipif(not ON_POSTGRES, reason="SQLite runs one writer at a time anyway")
+def test_a_burst_of_guesses_is_counted_one_after_another(engine: Engine) -> None:
+    """Guard: the subscriber's row lock. Twenty guesses at once from one subscriber: the
+    first five are looked at and counted, the rest find the freeze. Without the lock they
+    run side by side, none sees the others' failures and every guess is looked at."""
+    import threading
+
+    from storage.db import run_in_transaction
+
+    with transaction(engine) as s:
+        ensure_subscriber(s, openid=READER)
+    statuses: list[str] = []
+    start = threading.Barrier(20)
+
+    def guess() -> None:
+        start.wait()
+        out = run_in_transaction(engine, lambda s: codes.redeem_code(
+            s, openid=READER, text=well_formed_unknown(), secret=SECRET,
+            key=f"g:{threading.get_ident()}"))
+        statuses.append(out.status)
+
+    threads = [threading.Thread(target=guess) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(statuses) == ["frozen"] * 15 + ["unknown"] * 5
+    assert failures(engine) == 5

@@ -187,6 +187,8 @@ CASES: list[tuple[str, Setup, int, str]] = [
     ("adjust: below zero", _cmd("adjust", USER, "-5", "--reason", "r",
                                 before=lambda env: env.user()), 2, "a bad amount"),
     ("ledger check: mismatch", _ledger_mismatch, 1, "ledger check found differences"),
+    ("revenue: bad --since", _cmd("revenue", "--since", "last week"), 2,
+     "a wrong argument or option"),
     ("broadcast: unknown issue", _cmd("broadcast", "99", "--dry-run"), 2,
      "an unknown issue to publish or broadcast"),
     ("broadcast: guard", _cmd("broadcast", "1", api=True, before=Env.issue), 2,

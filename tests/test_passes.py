@@ -110,7 +110,9 @@ def test_the_offer_lists_each_pass_with_days_price_and_the_words_to_buy(
 def test_buying_alone_belongs_to_the_buying_conversation(user: WeChatUser) -> None:
     for word in ("购买", "买豆"):
         content = user.send(word)["content"]
-        assert HOW_TO_GET in content and "「开通 年卡」" not in content
+        # The ways to get tokens (passes among them, handlers.selling), not the pass offer.
+        assert HOW_TO_GET in content and "到账后回复「余额」查看" in content
+        assert "🎫" not in content
 
 
 # --- buying -----------------------------------------------------------------------------------
@@ -333,7 +335,7 @@ def spy_read_only(routers: tuple[Router, ...] = ROUTERS) -> tuple[list[bool], tu
 
 
 @pytest.mark.usefixtures("timeline")
-def test_read_of_a_covered_issue_gives_the_link_on_the_fast_path(
+def test_read_and_card_of_a_covered_issue_on_the_fast_path(
         settings: Settings, engine: Engine) -> None:
     seen, routers = spy_read_only()
     app = bottle.Bottle()
@@ -344,8 +346,11 @@ def test_read_of_a_covered_issue_gives_the_link_on_the_fast_path(
         seen.clear()
         covered_reply = user.send("全文 3")
         uncovered = user.send("全文 1")
-    assert seen == [True, True]  # both answered on the read path
+        card = user.send("第3期")["content"]
+    assert seen == [True, True, True]  # all answered on the read path
+    assert "本期在你的会员卡有效期内，已包含" in card
     assert covered_reply["type"] == "news" and "/read/3?" in covered_reply["url"]
+    assert covered_reply["description"].startswith("你的会员卡包含本期。")
     assert uncovered["type"] == "text" and "尚未解锁" in uncovered["content"]
 
 

@@ -227,3 +227,40 @@ def test_a_refund_wechat_refuses_gives_the_tokens_back(
     with transaction(engine) as s:
         assert payments.require_order(s, out_trade_no=order.out_trade_no).status == "paid"
         assert ledger.check(s) == []
+
+
+def test_revenue_shows_wechat_pay_in_tokens_and_yuan(
+        engine: Engine, client: PayClient, fake: FakeWeChatPay, config: Path) -> None:
+    order = paid_order(engine, client, fake, config)
+    assert cli(config, "pay", "refund", order.out_trade_no, "--amount", "500",
+               "--reason", "x").exit_code == 0
+    report = cli(config, "revenue", "--json")
+    assert report.exit_code == 0, report.output
+    data = json.loads(report.stdout)
+    assert (data["in"]["wechat_pay"], data["in"]["wechat_pay_refunds"]) == (99, -50)
+    assert data["money"] == {"orders": 1, "paid_fen": 990, "refunds": 1, "refunded_fen": 500,
+                             "net_fen": 490}
+    assert data["outstanding"] == 49
+    text = cli(config, "revenue")
+    assert "WeChat Pay (1 orders, ¥9.90)" in text.stdout
+    assert cli(config, "ledger", "check").exit_code == 0
+
+
+@pytest.mark.parametrize("corruption", [
+    "UPDATE pay_order SET credit_entry_id = NULL",
+    "UPDATE ledger_entry SET amount = 98 WHERE kind = 'pay'",
+    "UPDATE pay_order SET status = 'pending'",
+], ids=["order-without-credit", "credit-of-another-amount", "credited-but-unpaid"])
+def test_ledger_check_traces_every_wechat_pay_credit(
+        engine: Engine, client: PayClient, fake: FakeWeChatPay, config: Path,
+        corruption: str) -> None:
+    paid_order(engine, client, fake, config)
+    assert cli(config, "ledger", "check").exit_code == 0
+    with engine.begin() as conn:
+        from sqlalchemy import text
+
+        conn.execute(text(corruption))
+        if "amount = 98" in corruption:  # keep the balance in step: only the trace breaks
+            conn.execute(text("UPDATE subscriber SET balance = balance - 1"))
+    check = cli(config, "ledger", "check")
+    assert check.exit_code == 1 and "WeChat Pay" in check.stderr, check.output

@@ -484,14 +484,17 @@ def test_events_are_deduplicated_by_user_and_createtime(
         user: WeChatUser, engine: Engine) -> None:
     add_issue(engine, 1, price=10)
     topup(engine, READER, 100)
+    before = inbound_count(engine)
     xml = user.event_xml("CLICK", "UNLOCK", create_time=1_700_000_000)
     first = parse_reply(user.post_xml(xml).text)
     second = parse_reply(user.post_xml(xml).text)
-    assert first == second and first["type"] == "news"
-    assert balance(engine, READER) == 90
-    # A later click (new CreateTime) is a new event: already unlocked, no charge.
+    # The unlock button only asks (handlers.redeem.confirm_unlock): nothing is charged.
+    assert first == second and "回复「兑换 1」" in first["content"]
+    assert inbound_count(engine) == before + 1 and balance(engine, READER) == 100
+    user.send("兑换 1")
+    # A later click (new CreateTime) is a new event: already unlocked, the link, no charge.
     third = user.event("CLICK", "UNLOCK", create_time=1_700_000_001)
-    assert "未重复扣费" in third["description"]
+    assert third["type"] == "news" and "无需兑换" in third["description"]
     assert balance(engine, READER) == 90
 
 

@@ -27,6 +27,7 @@ from handlers.numbers import parse_int
 from storage import ledger, schema
 from storage.db import make_engine
 from storage.issues import IssuePreview
+from storage.models import LedgerEntry
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -95,6 +96,22 @@ class LogLevel(StrEnum):
 
 
 # --------------------------------------------------------------------------- helpers
+
+# The CLI's keys live in a namespace of their own, so no key given here can ever be the key of a
+# chat action (wechat:OPENID:MSGID) and block it, or find its result.
+CLI_KEY_PREFIX = "cli:"
+_MAX_KEY_CHARS = LedgerEntry.__table__.c.idempotency_key.type.length  # type: ignore[attr-defined]
+
+
+def cli_key(given: str, *, reserve: int = 0) -> str:
+    """The stored key for ``--key``: ``X`` becomes ``cli:X``; a key the CLI printed (already
+    ``cli:…``) is itself, so it can be given back as it was printed. ``reserve``: characters
+    the command appends to it (one key per row it writes)."""
+    key = given if given.startswith(CLI_KEY_PREFIX) else CLI_KEY_PREFIX + given
+    if len(key) > _MAX_KEY_CHARS - reserve:
+        _fail(f"--key is too long (at most {_MAX_KEY_CHARS - reserve - len(CLI_KEY_PREFIX)} "
+              "characters); nothing written", 2)
+    return key
 
 
 def _fail(message: str, code: int) -> NoReturn:

@@ -14,6 +14,7 @@ from rich.text import Text
 from sqlmodel import Session
 
 from bot.cli.base import (
+    CLI_KEY_PREFIX,
     MAX_ABS_AMOUNT,
     ConfigOpt,
     JsonOpt,
@@ -28,6 +29,7 @@ from bot.cli.base import (
     _when,
     _zone,
     app,
+    cli_key,
     err,
     ledger_app,
     out,
@@ -35,7 +37,7 @@ from bot.cli.base import (
     whole_number,
 )
 from handlers.numbers import parse_int
-from storage import ledger, subscribers
+from storage import audit, ledger, subscribers
 from storage.db import transaction
 from storage.errors import (
     IdempotencyConflict,
@@ -182,22 +184,6 @@ def _credit(ctx: typer.Context, config: Path | None, *, kind: CreditKind, openid
     _report_credit(result, key=key, unit=unit, zone=_zone(settings))
 
 
-# The CLI's keys live in a namespace of their own, so no key given here can ever be the key of a
-# chat action (wechat:OPENID:MSGID) and block it, or find its result.
-CLI_KEY_PREFIX = "cli:"
-_MAX_KEY_CHARS = LedgerEntry.__table__.c.idempotency_key.type.length  # type: ignore[attr-defined]
-
-
-def cli_key(given: str) -> str:
-    """The stored key for ``--key``: ``X`` becomes ``cli:X``; a key the CLI printed (already
-    ``cli:…``) is itself, so it can be given back as it was printed."""
-    key = given if given.startswith(CLI_KEY_PREFIX) else CLI_KEY_PREFIX + given
-    if len(key) > _MAX_KEY_CHARS:
-        _fail(f"--key is too long (at most {_MAX_KEY_CHARS - len(CLI_KEY_PREFIX)} characters);"
-              " nothing written", 2)
-    return key
-
-
 def legacy_key(session: Session, *, given: str, key: str) -> bool:
     """Whether ``--key X`` means the key ``X`` as stored by a CLI from before the namespace
     (it stored keys as given): when ``cli:X`` is unused but ``X`` exists, so a retry of a
@@ -265,25 +251,31 @@ def adjust(
 
 @ledger_app.command("check")
 def ledger_check(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
-    """Every cached balance against the sum of its ledger entries; every unlock against its
-    charge."""
+    """Every cached balance against the sum of its ledger entries; every unlock, code, pass,
+    gift and refund against its source; the revenue totals against the ledger."""
     settings = _settings(ctx, config)
     with _database(settings) as engine, transaction(engine) as session:
         problems = ledger.check(session)
+        totals = audit.totals(session)
         users = subscribers.count_subscribers(session)
         entries = ledger.count_entries(session)
+    unit = settings.tokens.name
     if as_json:
         _dump({"ok": not problems, "users": users, "entries": entries,
-               "mismatches": [{"openid": p.openid, "cached": p.cached, "ledger": p.ledger,
-                               "problem": p.problem} for p in problems]})
+               "totals": {"in": totals.tokens_in, "spent": totals.tokens_spent,
+                          "entries": totals.entries, "balances": totals.balances},
+               "mismatches": [{"openid": p.openid or None, "cached": p.cached,
+                               "ledger": p.ledger, "problem": p.problem} for p in problems]})
     elif not problems:
-        out.print(f"ledger OK: {_plural(users, 'user')}, {_plural(entries, 'entry', 'entries')}",
-                  markup=False)
+        out.print(f"ledger OK: {_plural(users, 'user')}, {_plural(entries, 'entry', 'entries')}"
+                  f"; in {totals.tokens_in} − spent {totals.tokens_spent} = {totals.entries} "
+                  f"{unit} = the sum of all entries = the sum of all balances", markup=False,
+                  soft_wrap=True)
     else:
         for p in problems:
             amounts = f" (cached {p.cached}, ledger {p.ledger})" if p.about_balance else ""
-            err.print(f"{p.openid}: {p.problem}{amounts}", style="red", markup=False,
-                      soft_wrap=True)
+            err.print(f"{p.openid}: {p.problem}{amounts}" if p.openid else p.problem,
+                      style="red", markup=False, soft_wrap=True)
         err.print(f"ledger MISMATCH: {_plural(len(problems), 'problem')} across "
                   f"{_plural(users, 'user')}, {_plural(entries, 'entry', 'entries')}",
                   style="bold red", markup=False)

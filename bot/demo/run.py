@@ -20,21 +20,23 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib.resources import as_file, files
 from pathlib import Path
 from types import FrameType
-from typing import TextIO
+from typing import Any, TextIO
 
 import httpx
 from rich.console import Console
 from rich.panel import Panel
 from rich.text import Text
+from sqlmodel import Session
 
 import bot
 from bot.demo.chat import run_chat
 from bot.settings import ENV_PREFIX, Settings, SettingsError, load_settings
 from bot.wechat.fake import FakeWeChat
-from storage import schema, subscribers
+from storage import codes, schema, subscribers
 from storage.content import IssueFileError, parse_issue_file
 from storage.db import make_engine, transaction
 from storage.issues import publish_issue, upsert_issue
@@ -52,6 +54,14 @@ PUBLISHED_SAMPLE = "issue-001.md"
 DRAFT_SAMPLE = "issue-002.md"
 DEMO_APP_ID = "wx_newsbot_demo"
 FOLLOWERS = [READER, OPERATOR] + [f"o_demo_follower_{i:02d}" for i in range(48)]
+DEMO_PASS: dict[str, Any] = {"id": "month", "name": "月卡", "days": 30, "price": 100}
+DEMO_CODE_TOKENS = 50  # each of the demo's two tokens codes
+
+
+@dataclass(frozen=True)
+class Seeded:
+    balance: int  # the demo reader's
+    codes: list[tuple[str, str]]  # (code, what it grants) for the newcomer to try
 
 
 class DemoError(Exception):
@@ -188,6 +198,17 @@ def write_config(workdir: Path, *, port: int, api_base: str, app_secret: str,
         "[operators]",
         f"openids = {_toml([OPERATOR])}",
         "",
+        "[codes]",
+        "# Redemption and gift codes are on: the demo prints a few at startup.",
+        f"secret = {_toml(secrets.token_urlsafe(32))}",
+        "",
+        "# One pass on sale: reply 开通 月卡 in the chat.",
+        "[[passes]]",
+        f"id = {_toml(DEMO_PASS['id'])}",
+        f"name = {_toml(DEMO_PASS['name'])}",
+        f"days = {DEMO_PASS['days']}",
+        f"price = {DEMO_PASS['price']}",
+        "",
         "[broadcast]",
         'mode = "openids"',
         "# No weekly job in the demo: broadcast by hand with `newsbot broadcast N`.",
@@ -211,8 +232,8 @@ def _sample(name: str) -> Iterator[Path | None]:
         yield path
 
 
-def seed(settings: Settings, console: Console) -> int:
-    """Sample issues, the demo reader and their credit; returns the reader's balance."""
+def seed(settings: Settings, console: Console) -> Seeded:
+    """Sample issues, the demo reader and their credit, and a small batch of codes to try."""
     free = settings.content.free_percent
     engine = make_engine(settings.database.url)
     try:
@@ -243,9 +264,23 @@ def seed(settings: Settings, console: Console) -> int:
             # Enough for one unlock of the sample and a little over.
             result = credit(session, openid=READER, amount=issue.price + 21, kind="topup",
                             key="demo:credit", reason="demo credit", operator="newsbot demo")
-        return result.balance
+            made = _demo_codes(session, settings)
+        return Seeded(result.balance, made)
     finally:
         engine.dispose()
+
+
+def _demo_codes(session: Session, settings: Settings) -> list[tuple[str, str]]:
+    """Two codes of 50 tokens and one of the demo pass, as `newsbot code create` makes them."""
+    secret = settings.chat_config().codes.secret
+    unit = settings.tokens.name
+    tokens = codes.create_batch(session, secret=secret, kind="tokens", count=2,
+                                tokens=DEMO_CODE_TOKENS, label="demo", created_by="newsbot demo")
+    month = codes.create_batch(session, secret=secret, kind="pass", count=1,
+                               pass_id=DEMO_PASS["id"], pass_days=DEMO_PASS["days"],
+                               label="demo", created_by="newsbot demo")
+    return ([(code, f"{DEMO_CODE_TOKENS} {unit}") for code in tokens.codes]
+            + [(code, f"{DEMO_PASS['name']}（{DEMO_PASS['days']} 天）") for code in month.codes])
 
 
 def _child_env() -> dict[str, str]:
@@ -304,17 +339,23 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def _panel(settings: Settings, config: Path, workdir: Path, webhook: str, balance: int) -> Panel:
+def _panel(settings: Settings, config: Path, workdir: Path, webhook: str,
+           seeded: Seeded) -> Panel:
     unit = settings.tokens.name
     text = Text()
     text.append("newsbot demo is running\n\n", style="bold")
     text.append(f"Webhook  {webhook}\nFolder   {workdir}  (config.toml, newsbot.db, "
                 "server.log)\n\n")
-    text.append(f"You are {READER} with {balance} {unit}, enough for one unlock. Try:\n",
+    text.append(f"You are {READER} with {seeded.balance} {unit}, enough for one unlock. Try:\n",
                 style="bold")
-    text.append("  本周   试读   兑换   余额   往期   帮助\n")
+    text.append("  本周   试读   兑换   余额   往期   帮助   充值   会员卡   赠送 1\n")
     text.append("  /subscribe   /click LATEST   /retry   /help   /quit\n")
     text.append(f"  /user {OPERATOR}  then  #topup {READER} 50 gift   (operator)\n\n")
+    text.append("Redemption codes to send in the chat (each works once):\n", style="bold")
+    for code, grants in seeded.codes:
+        text.append(f"  {code}   {grants}\n")
+    text.append(f"Then buy the pass: 开通 {DEMO_PASS['name']} ({DEMO_PASS['price']} {unit}, "
+                f"{DEMO_PASS['days']} 天).\n\n")
     text.append("Reader links open in a normal browser.\n\n")
     text.append("Watch a broadcast (another terminal, while the demo runs):\n", style="bold")
     text.append(f"  newsbot --config {config} issue publish 2\n")
@@ -323,6 +364,7 @@ def _panel(settings: Settings, config: Path, workdir: Path, webhook: str, balanc
     text.append(f"  newsbot --config {config} broadcast status\n")
     text.append("Pushed messages and previews show up here in the chat.\n\n")
     text.append(f"Other commands:  newsbot --config {config} user list\n")
+    text.append(f"What was sold:   newsbot --config {config} revenue\n")
     text.append(f"Chat from another terminal:  newsbot --config {config} chat\n")
     return Panel(text, title="newsbot demo", expand=False)
 
@@ -369,7 +411,7 @@ def run_demo(*, port: int | None, workdir: Path, chat: bool, console: Console) -
         config = write_config(workdir, port=port, api_base=fake.base_url,
                               app_secret=app_secret, token=token)
         settings = load_settings(config, environ={})
-        balance = seed(settings, console)
+        seeded = seed(settings, console)
         base_url = f"http://127.0.0.1:{port}"
         webhook = base_url + settings.server.webhook_path
         _write_lock(lock, {"pid": os.getpid(), "webhook": webhook})
@@ -377,7 +419,7 @@ def run_demo(*, port: int | None, workdir: Path, chat: bool, console: Console) -
         # Assigned before the health wait, so a signal during startup still stops it.
         proc = start_server(config, workdir)
         wait_until_healthy(proc, base_url, workdir / "server.log")
-        console.print(_panel(settings, config, workdir, webhook, balance))
+        console.print(_panel(settings, config, workdir, webhook, seeded))
         _watch_pushes(fake, console)
         if chat:
             return run_chat(url=webhook, token=settings.wechat.token, openid=READER,

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from bot.settings import MenuButton, MenuSettings
+from handlers import click_keys
 
-# CLICK keys the handlers understand (see the @router.click registrations).
-KNOWN_KEYS = frozenset({"LATEST", "PREVIEW", "UNLOCK", "READ", "ARCHIVE", "BALANCE", "HELP"})
+# CLICK keys the handlers understand: their @router.click registrations, so none is missed.
+KNOWN_KEYS = click_keys()
 MAX_TOP, MAX_SUB = 3, 5
 TOP_NAME_BYTES, SUB_NAME_BYTES, KEY_BYTES = 16, 40, 128
 
