@@ -70,3 +70,13 @@ def test_help(script: str) -> None:
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert "--quick" in done.stdout
+
+
+def test_pay_notify_quick() -> None:
+    out = run_quick("pay_notify.py")
+    assert "notifications/s" in out
+    assert "SQLite books: 100 credits for 100 orders, ledger check clean: OK" in out
+    if pg_expected():
+        assert "PostgreSQL books: 100 credits for 100 orders" in out
+    else:
+        assert "PostgreSQL skipped" in out
