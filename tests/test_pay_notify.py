@@ -181,11 +181,13 @@ def test_wrong_apiv3_key(http: httpx.Client, engine: Engine,
     ({"amount": {"total": 1, "payer_total": 1, "currency": "CNY"}}, 400, "amount 1 fen"),
     ({"amount": {"total": 990, "currency": "USD"}}, 400, "currency"),
     ({"mchid": "1900000999"}, 400, "mchid"),
+    ({"mchid": "1900000999", "out_trade_no": "NB20990101000000FFFFFFFFFFFF"}, 400,
+     "mchid '1900000999' is not ours"),  # refused before the order is even looked up
     ({"appid": "wx_someone_else"}, 400, "appid"),
     ({"payer": {"openid": "o_someone_else"}}, 400, "payer"),
     ({"out_trade_no": "NB20990101000000FFFFFFFFFFFF"}, 404, "no order"),
     ({"trade_state": "NOTPAY"}, 400, "trade_state"),
-], ids=["amount", "currency", "merchant", "appid", "payer", "unknown-order", "not-paid"])
+], ids=["amount", "currency", "merchant", "merchant-first", "appid", "payer", "unknown-order", "not-paid"])
 def test_signed_but_not_our_order(http: httpx.Client, engine: Engine,
                                   caplog: pytest.LogCaptureFixture, change: dict[str, Any],
                                   status: int, why: str) -> None:
@@ -300,8 +302,11 @@ def test_a_closed_refund_gives_the_tokens_back(http: httpx.Client, engine: Engin
     closed = notification(refund_resource(paid, refund.out_refund_no, 990, "CLOSED"),
                           event_type="REFUND.CLOSED")
     assert post(http, *closed).status_code == 204
-    assert post(http, *closed).status_code == 204
+    assert post(http, *closed).status_code == 204  # a duplicate gives back nothing more
     assert balance(engine) == 99 and order_status(engine, order.out_trade_no) == "paid"
+    with transaction(engine) as s:
+        assert payments.require_order(s, out_trade_no=order.out_trade_no).refunded_fen == 0
+        assert ledger.check(s) == []
 
 
 def test_two_identical_notifications_at_the_same_moment(http: httpx.Client, engine: Engine,
