@@ -187,7 +187,8 @@ def test_wrong_apiv3_key(http: httpx.Client, engine: Engine,
     ({"payer": {"openid": "o_someone_else"}}, 400, "payer"),
     ({"out_trade_no": "NB20990101000000FFFFFFFFFFFF"}, 404, "no order"),
     ({"trade_state": "NOTPAY"}, 400, "trade_state"),
-], ids=["amount", "currency", "merchant", "merchant-first", "appid", "payer", "unknown-order", "not-paid"])
+], ids=["amount", "currency", "merchant", "merchant-first", "appid", "payer", "unknown-order",
+        "not-paid"])
 def test_signed_but_not_our_order(http: httpx.Client, engine: Engine,
                                   caplog: pytest.LogCaptureFixture, change: dict[str, Any],
                                   status: int, why: str) -> None:
