@@ -93,3 +93,13 @@ def test_code_redeem_quick() -> None:
         assert "PostgreSQL: n/a" not in out and "WITH 1" in out
     else:
         assert "PostgreSQL skipped" in out and "SQLite" in out
+
+
+def test_pay_notify_quick() -> None:
+    out = run_quick("pay_notify.py")
+    assert "notifications/s" in out
+    assert "SQLite books: 100 credits for 100 orders, ledger check clean: OK" in out
+    if pg_expected():
+        assert "PostgreSQL books: 100 credits for 100 orders" in out
+    else:
+        assert "PostgreSQL skipped" in out
