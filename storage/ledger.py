@@ -139,7 +139,8 @@ def credit(
                 operator=operator, same_reason=True)
 
 
-EntryKind = Literal["topup", "adjust", "redeem", "code", "pass", "gift", "refund"]
+EntryKind = Literal["topup", "adjust", "redeem", "code", "pass", "gift", "refund", "pay",
+                    "pay_refund"]
 
 
 def post(

@@ -251,6 +251,17 @@ class PayClient:
         answer = self._call("POST", "/v3/pay/transactions/native", body=body)
         return _required_str(answer, "code_url")
 
+    def submit_order(self, kind: str, request_json: str) -> str:
+        """Place an order from the body stored with it (storage.payments.new_order), so a
+        retry sends exactly the same bytes; the prepay_id (jsapi) or the code_url (native)."""
+        body = json.loads(request_json)
+        if kind not in ("jsapi", "native") or not isinstance(body, dict):
+            raise ValueError(f"cannot submit a {kind!r} order")
+        if body.get("mchid") != self.mch_id or body.get("appid") != self.app_id:
+            raise ValueError("the stored order is for another merchant or app")
+        answer = self._call("POST", f"/v3/pay/transactions/{kind}", body=body)
+        return _required_str(answer, "prepay_id" if kind == "jsapi" else "code_url")
+
     def jsapi_params(self, prepay_id: str) -> dict[str, str]:
         """The signed argument of ``getBrandWCPayRequest`` for a prepay_id."""
         return jsapi_pay_params(app_id=self.app_id, prepay_id=prepay_id,
