@@ -6,15 +6,11 @@ from __future__ import annotations
 
 from handlers.config import ChatConfig, PassOffer
 from handlers.router import Context
+from storage.payments import yuan
 
 
 def pass_line(offer: PassOffer, unit: str) -> str:
     return f"「开通 {offer.name}」{offer.days} 天内每期全文，{offer.price} {unit}"
-
-
-def yuan(fen: int) -> str:
-    """990 → "9.90"."""
-    return f"{fen // 100}.{fen % 100:02d}"
 
 
 def pay_line(config: ChatConfig, pay_url: str | None, *, issue_number: int | None) -> str:

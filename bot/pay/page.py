@@ -40,12 +40,12 @@ from bot.web.reader import (
     single,
 )
 from handlers.numbers import parse_int
-from handlers.selling import yuan
 from storage import payments
 from storage.db import read_only, transaction
 from storage.errors import UnknownIssue
 from storage.issues import IssuePreview, get_issue
 from storage.models import PayOrder, utcnow
+from storage.payments import yuan
 from storage.subscribers import Standing, standing
 
 log = logging.getLogger(__name__)
@@ -357,7 +357,7 @@ class PayPage:
                 session, openid=openid, package=package, kind=kind, issue_number=issue,
                 app_id=self.pay.app_id, mch_id=self.pay.mch_id, notify_url=self.notify_url,
                 ttl=timedelta(minutes=self.pay.order_ttl_minutes), description=description)
-            no, request = order.out_trade_no, json.loads(order.request_json)
+            no, request = order.out_trade_no, order.request_json
         log.info("pay order %s for %s: %s %s%s", no, mask_openid(openid), kind, package.id,
                  f" + unlock {issue}" if issue is not None else "")
         prepay = self._place(no, kind, request)
@@ -395,21 +395,13 @@ class PayPage:
             raise Refusal(429, "TOO_MANY_ORDERS", "下单太频繁，请过几分钟再试。",
                           f"{ORDER_BURST} orders within {ORDER_BURST_WINDOW}")
 
-    def _place(self, no: str, kind: OrderKind, request: dict[str, Any]) -> str:
-        """Create the order at WeChat from its stored body; the prepay_id or code_url. On
-        failure the order is marked failed when WeChat surely did not make it, and left
-        ``creating`` (for the settle job to query) when it may have."""
-        args: dict[str, Any] = {
-            "out_trade_no": no, "description": request["description"],
-            "total_fen": request["amount"]["total"], "notify_url": request["notify_url"],
-            "time_expire": datetime.fromisoformat(request["time_expire"]),
-        }
+    def _place(self, no: str, kind: OrderKind, request_json: str) -> str:
+        """Create the order at WeChat from its stored body (the same bytes on every retry);
+        the prepay_id or code_url. On failure the order is marked failed when WeChat surely
+        did not make it, and left ``creating`` (for the settle job to query) when it may
+        have."""
         try:
-            if kind == "jsapi":
-                prepay = self.client.create_jsapi_order(openid=request["payer"]["openid"],
-                                                        **args)
-            else:
-                prepay = self.client.create_native_order(**args)
+            prepay = self.client.submit_order(kind, request_json)
         except PayTransientError as exc:
             if not exc.maybe_processed:
                 self._mark_failed(no, exc)
@@ -456,7 +448,7 @@ class PayPage:
                 raise missing
             balance = (standing(session, openid=openid, issue_number=None).balance
                        if order.status == "paid" else None)
-        return self._order_json(order, openid, expires, balance)
+            return self._order_json(order, openid, expires, balance)
 
     def _order_json(self, order: PayOrder, openid: str, expires: int,
                     balance: int | None) -> dict[str, Any]:
