@@ -14,7 +14,9 @@
     "&s=" + encodeURIComponent(d.s);
 
   function show(message, kind) {
+    var appearing = box.hidden;
     box.hidden = false;
+    if (appearing && box.scrollIntoView) { box.scrollIntoView({ block: "center" }); }
     box.className = "paystatus" + (kind ? " " + kind : "");
     text.textContent = message;
     extra.textContent = "";
@@ -62,6 +64,8 @@
       line("当前余额 " + order.balance + " " + unit);
     }
     if (order.unlocked && order.issue) {
+      var offer = document.querySelector(".offer");
+      if (offer) { offer.hidden = true; }  // bought: nothing left to offer
       line("已解锁第 " + order.issue + " 期");
       if (order.read_url) { anchor(order.read_url, "阅读第 " + order.issue + " 期全文", "read"); }
     } else if (order.issue) {
@@ -130,6 +134,7 @@
   function code(order) {
     qr.src = order.qr;
     qr.hidden = false;
+    box.hidden = true;  // scrolled into view again, now with the code in it
     show("请用手机微信「扫一扫」扫描二维码，支付 ¥" + order.price);
     line("付款后本页会自动显示到账结果。", "small");
     if (order.demo_pay_url) {
