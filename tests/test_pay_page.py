@@ -9,7 +9,9 @@ from __future__ import annotations
 import base64
 import json
 import re
+import subprocess
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,9 @@ from tests.conftest import (
     SAMPLE_DRAFT,
     SAMPLE_ISSUE,
     WeChatUser,
+    child_env,
     client_for,
+    free_port,
     import_issue,
     make_settings,
 )
@@ -52,6 +56,7 @@ from tests.pay_page_support import (
     pay_site,
 )
 from tests.pay_support import eventually
+from tests.test_e2e import kill_group, newsbot, wait_healthy
 
 PRICEY = 5  # an issue dearer than the largest package can cover
 
@@ -446,3 +451,37 @@ def test_pay_links_sign_the_openid_and_expiry_only(site: Site) -> None:
     reader = parse_qs(urlsplit(ReaderLinks(site.settings).path_until(READER, 1,
                                                                      2_000_000_000)).query)
     assert reader["s"] != a["s"]
+
+
+# -- newsbot demo --------------------------------------------------------------------------
+
+def test_the_demo_pays_through_its_fake_wechat_pay(tmp_path: Path) -> None:
+    port, workdir, log = free_port(), tmp_path / "demo", tmp_path / "demo.out"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            newsbot("demo", "--no-chat", "--port", str(port), "--dir", str(workdir)),
+            cwd=tmp_path, env=child_env(), stdin=subprocess.DEVNULL, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_healthy(proc, base, log)
+        config = tomllib.loads((workdir / "config.toml").read_text(encoding="utf-8"))
+        assert config["pay"]["api_base"].startswith("http://127.0.0.1:")
+        with httpx.Client(base_url=base, timeout=10.0) as http:
+            reply = WeChatUser(http, "o_demo_reader", token=config["wechat"]["token"]).send(
+                "充值")["content"]
+            link = re.search(rf"{re.escape(base)}(/pay/\?\S+)", reply)
+            assert link is not None, reply
+            fields = dict(httpx.URL(link.group(1)).params)
+            assert http.get(link.group(1)).status_code == 200
+            made = http.post("/pay/orders", json={**fields, "package": "p30",
+                                                  "kind": "native"}).json()
+            # What the newcomer clicks under the QR code: the fake's own page, then 确认支付.
+            assert "确认支付" in http.get(made["demo_pay_url"]).text
+            http.post(made["demo_pay_url"], data={"openid": ""})
+            state = f"/pay/orders/{made['out_trade_no']}"
+            eventually(lambda: http.get(state, params=fields).json()["status"] == "paid",
+                       timeout=15)
+            assert http.get(state, params=fields).json()["balance"] == 150  # 120 + 30
+    finally:
+        kill_group(proc)
