@@ -282,8 +282,17 @@ def mark_closed(session: Session, *, out_trade_no: str, now: datetime | None = N
                 **values)
 
 
-def note_query(session: Session, *, out_trade_no: str, now: datetime | None = None) -> None:
-    _set(session, out_trade_no, where_status=None, last_query_at=now or utcnow())
+def claim_query(session: Session, *, out_trade_no: str, now: datetime,
+                min_interval: timedelta) -> bool:
+    """Take the turn to ask WeChat about a waiting order: False when another process asked
+    less than ``min_interval`` ago (every scheduler may run the sync job)."""
+    stmt = (sa_update(_ORDER)
+            .where(_ORDER.c.out_trade_no == out_trade_no,
+                   _ORDER.c.status.in_(["creating", "pending"]),
+                   _ORDER.c.last_query_at.is_(None)
+                   | (_ORDER.c.last_query_at <= now - min_interval))
+            .values(last_query_at=now).returning(_ORDER.c.out_trade_no))
+    return session.connection().execute(stmt).first() is not None
 
 
 def list_orders(session: Session, *, status: str | None = None, openid: str | None = None,
@@ -415,7 +424,8 @@ WECHAT_REFUND_STATUS: Final[dict[str, RefundStatus]] = {
     "PROCESSING": "processing", "SUCCESS": "success", "ABNORMAL": "abnormal",
     "CLOSED": "closed"}
 REFUND_OPEN: Final[tuple[str, ...]] = ("requested", "processing")
-RefundRefusal = Literal["not_paid", "nothing_left", "too_much", "spent", "no_reason"]
+RefundRefusal = Literal["not_paid", "nothing_left", "too_much", "spent", "no_reason",
+                        "unsent"]
 
 
 class RefundRefused(PaymentError):
@@ -486,6 +496,13 @@ def request_refund(session: Session, *, out_trade_no: str, amount_fen: int | Non
     if order.status not in SETTLED or order.credit_entry_id is None:
         raise RefundRefused(f"order {out_trade_no} is {order.status}, not paid: nothing to "
                             "refund", why="not_paid")
+    unsent = list_refunds(session, out_trade_no=out_trade_no, status=("requested",))
+    if unsent:
+        # Asked again while the first request still waits to be sent: a second refund would
+        # return the money twice. The sync resends the first with its own out_refund_no.
+        raise RefundRefused(f"refund {unsent[0].out_refund_no} of order {out_trade_no} has not "
+                            "reached WeChat Pay yet: run `newsbot pay sync` to send it",
+                            why="unsent")
     left = order.amount_fen - order.refunded_fen
     if left <= 0:
         raise RefundRefused(f"order {out_trade_no} is refunded in full already",
