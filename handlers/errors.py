@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from handlers.numbers import BadIssueNumber
 from handlers.selling import shortfall_line
+from storage.codes import InvalidBatch
 from storage.errors import (
     BroadcastRefused,
     DomainError,
@@ -39,6 +40,8 @@ def explain(err: DomainError, *, unit: str, topup_hint: str) -> str:
         return "金额有误，未执行：" + _amount_problem(err, unit)
     if isinstance(err, IdempotencyConflict):
         return "这条指令与之前的一条冲突，未执行。"
+    if isinstance(err, InvalidBatch):  # a gift's code could not be made
+        return "礼品码没有生成，也没有扣费。请稍后再试，或回复「人工」联系编辑。"
     if isinstance(err, BroadcastRefused):
         return "推送未执行。请在命令行用 newsbot broadcast status 查看原因。"
     return NOT_DONE

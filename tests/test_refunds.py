@@ -416,8 +416,6 @@ def test_refund_json(config: Path, engine: Engine) -> None:
 # --- the books --------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="ledger.check flags a refunded redeem as 'without its "
-                   "unlock' until the revenue helper teaches it refunds")
 @pytest.mark.usefixtures("bought_issue")
 def test_ledger_check_stays_clean_after_an_issue_refund(config: Path) -> None:
     assert cli(config, "refund", READER, "1", "--reason", "r").exit_code == 0
