@@ -13,6 +13,7 @@ import subprocess
 import time
 import tomllib
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -24,6 +25,7 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from sqlalchemy import Engine
 
 from bot.app import create_app
+from bot.jobs.pay_sync import sync_orders
 from bot.pay import page as pay_page
 from bot.pay.client import PayClient
 from bot.pay.keys import load_private_key
@@ -360,7 +362,16 @@ def test_the_fake_refuses_another_payer_for_a_jsapi_order(site: Site) -> None:
 
 # -- WeChat Pay failing while the order is created -----------------------------------------
 
-def test_a_wechat_5xx_leaves_an_order_the_settle_job_can_query(site: Site) -> None:
+def _sync(site: Site) -> list[tuple[str, str]]:
+    """One run of the settle job (bot.jobs.pay_sync), whatever the orders' age."""
+    assert site.settings.pay is not None
+    with PayClient.from_settings(site.settings.pay) as client:
+        report = sync_orders(site.engine, client, min_age=timedelta(0),
+                             min_interval=timedelta(0))
+    return [(s.out_trade_no, s.outcome) for s in report.orders]
+
+
+def test_a_wechat_5xx_leaves_an_order_the_settle_job_can_finish(site: Site) -> None:
     site.fake.control("fail_next", status=500, code="SYSTEM_ERROR", times=3)
     body = refused(create(site), 503, "PAY_UNAVAILABLE")
     assert "稍后再试" in body["message"]
@@ -369,18 +380,25 @@ def test_a_wechat_5xx_leaves_an_order_the_settle_job_can_query(site: Site) -> No
     assert order.status == "creating" and order.code_url is None
     assert json.loads(order.request_json)["out_trade_no"] == order.out_trade_no
     assert order.out_trade_no not in site.fake.orders()
+    # The job asks WeChat, which never made it: closed, nothing credited.
+    assert _sync(site) == [(order.out_trade_no, "closed")]
+    (order,) = orders(site.engine)
+    assert order.status == "closed" and balance(site.engine) == 20
 
 
-def test_a_5xx_after_wechat_made_the_order_is_left_for_the_job(site: Site) -> None:
+def test_a_5xx_after_wechat_made_the_order_is_settled_by_the_job(site: Site) -> None:
     site.fake.control("fail_next", status=500, code="SYSTEM_ERROR", times=3,
                       after_processing=True)
     refused(create(site), 503, "PAY_UNAVAILABLE")
     (order,) = orders(site.engine)
     assert order.status == "creating"
     assert site.fake.orders()[order.out_trade_no] == "NOTPAY"  # WeChat knows it; we can ask
-    # Paid anyway (the QR was never shown, but say it was): the notification still credits.
+    assert _sync(site) == [(order.out_trade_no, "pending")]
+    # Paid anyway (say the payer had the code), and its notification never comes.
+    site.fake.control("misbehave_next", kinds=["drop"])
     site.fake.pay(order.out_trade_no)
-    eventually(lambda: poll(site, order.out_trade_no).json()["status"] == "paid", timeout=10)
+    assert _sync(site) == [(order.out_trade_no, "credited")]
+    assert poll(site, order.out_trade_no).json()["status"] == "paid"
     assert balance(site.engine) == 119
 
 
