@@ -19,7 +19,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from importlib import resources
 from string import Template
 from typing import Any, Final, Literal
@@ -299,13 +299,11 @@ class PayPage:
         """The openid of a good link, else a Refusal (403)."""
         if not all(isinstance(v, str | int) and not isinstance(v, bool)
                    for v in (openid, expires, sig)):
-            raise Refusal(403, "LINK_INVALID", LINK_INVALID,
-                          "u, e or s missing")
+            raise Refusal(403, "LINK_INVALID", LINK_INVALID, "u, e or s missing")
         try:
             who, until, mac = check_fields(str(openid), str(expires), str(sig))
         except BadLink as exc:
-            raise Refusal(403, "LINK_INVALID", LINK_INVALID,
-                          str(exc)) from None
+            raise Refusal(403, "LINK_INVALID", LINK_INVALID, str(exc)) from None
         problem = self.links.verify(openid=who, expires=until, sig=mac)
         if problem == "expired":
             raise Refusal(403, "LINK_EXPIRED", LINK_EXPIRED)
@@ -391,7 +389,7 @@ class PayPage:
     def _check_burst(self, session: Session, openid: str) -> None:
         recent = payments.list_orders(session, openid=openid, limit=ORDER_BURST)
         since = utcnow() - ORDER_BURST_WINDOW
-        if len(recent) >= ORDER_BURST and all(_aware(o.created_at) > since for o in recent):
+        if len(recent) >= ORDER_BURST and all(o.created_at > since for o in recent):
             raise Refusal(429, "TOO_MANY_ORDERS", "下单太频繁，请过几分钟再试。",
                           f"{ORDER_BURST} orders within {ORDER_BURST_WINDOW}")
 
@@ -435,8 +433,7 @@ class PayPage:
         try:
             openid, expires, sig = link_params(bottle.request.query)
         except BadLink as exc:
-            raise Refusal(403, "LINK_INVALID", LINK_INVALID,
-                          str(exc)) from None
+            raise Refusal(403, "LINK_INVALID", LINK_INVALID, str(exc)) from None
         openid = self._verified(openid, expires, sig)
         missing = Refusal(404, "UNKNOWN_ORDER", "没有找到这笔订单。",
                           f"{out_trade_no[:40]!r} for {mask_openid(openid)}")
@@ -470,10 +467,6 @@ class PayPage:
                 answer["unlock_reason"] = _UNLOCK_REASONS.get(order.unlock_note or "",
                                                               "请稍后再试")
         return answer
-
-
-def _aware(at: datetime) -> datetime:
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 def install(app: bottle.Bottle, *, settings: Settings, engine: Engine,
