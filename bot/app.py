@@ -1,5 +1,5 @@
-"""Builds the WSGI application: the webhook, the reader pages, WeChat Pay's notifications and
-a health check."""
+"""Builds the WSGI application: the webhook, the reader pages, WeChat Pay's purchase page and
+notifications, and a health check."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from bot.wechat.webhook import Webhook
 
 # app.config key of the /pay/notify endpoint (None without [pay]); tests wait on its messages.
 PAY_NOTIFY = "newsbot.pay_notify"
+# app.config key of the pay page's PayClient (None without [pay]); tests close it.
+PAY_CLIENT = "newsbot.pay_client"
 
 
 def create_app(settings: Settings, engine: Engine) -> bottle.Bottle:
@@ -21,7 +23,7 @@ def create_app(settings: Settings, engine: Engine) -> bottle.Bottle:
     Webhook(settings, engine).install(app)
     reader.install(app, settings=settings, engine=engine)
     if settings.pay is not None:
-        from bot.pay import notify
+        from bot.pay import notify, page
         from bot.wechat.api import WeChatClient
 
         wechat = settings.wechat
@@ -29,5 +31,6 @@ def create_app(settings: Settings, engine: Engine) -> bottle.Bottle:
                    if wechat.app_id and wechat.app_secret else None)
         app.config[PAY_NOTIFY] = notify.install(app, settings=settings, engine=engine,
                                                 messenger_factory=factory)
+        app.config[PAY_CLIENT] = page.install(app, settings=settings, engine=engine)
     health.install(app, engine=engine)
     return app

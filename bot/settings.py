@@ -26,7 +26,7 @@ from bot.pay.keys import (
     load_private_key,
     load_public_key,
 )
-from handlers.config import ChatConfig, CodeRules, PassOffer
+from handlers.config import ChatConfig, CodeRules, PassOffer, PayPackageOffer
 
 PLACEHOLDER_PREFIX = "CHANGE-ME"
 ENV_PREFIX = "NEWSBOT_"
@@ -444,7 +444,9 @@ class Settings(_Section):
                 secret=self.codes.secret.encode() if self.codes.enabled else b"",
                 max_failures=self.codes.max_failures,
                 window_minutes=self.codes.failure_window_minutes,
-                freeze_minutes=self.codes.freeze_minutes))
+                freeze_minutes=self.codes.freeze_minutes),
+            pay_packages=tuple(PayPackageOffer(p.id, p.label, p.tokens, p.price_fen)
+                               for p in (self.pay.packages if self.pay is not None else ())))
 
     def missing_secrets(self, *, need_api: bool = False) -> list[str]:
         """Keys that must be set before serving, each with a hint on how to set it."""
