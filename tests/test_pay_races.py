@@ -27,16 +27,14 @@ from storage.models import LedgerEntry, PayOrder
 from tests.conftest import child_env, free_port
 from tests.pay_orders_support import make_order, notification
 from tests.pay_support import identity, web
-from tests.test_multiprocess import (  # noqa: F401  (fixtures)
+from tests.test_multiprocess import (
     _toml,
     cli_ok,
     database,
     newsbot,
-    postgres_url,
     prepare_database,
     reading,
     running,
-    sqlite_url,
     wait_healthy,
     write_config,
 )
