@@ -10,9 +10,10 @@ Only an HMAC of the canonical code under ``[codes] secret`` is stored: a dump of
 gives away no code that can still be used.
 
 Redeeming takes the subscriber's row lock, then claims one use with a conditional UPDATE
-(``used < uses``) and records the subscriber's use under a unique (code, subscriber) key, all
-in one savepoint with the grant itself, so a code is never used more than its uses, never twice
-by one subscriber, and never used without its grant. Every failed attempt is a row of its own,
+(``used < uses``) and records the subscriber's use under a unique (code, subscriber) key,
+together with the grant itself (one statement for a tokens code on PostgreSQL, else one
+savepoint), so a code is never used more than its uses, never twice by one subscriber, and
+never used without its grant. Every failed attempt is a row of its own,
 counted per subscriber; too many in the window freeze that subscriber's attempts, and a frozen
 subscriber's text is not even looked at, so a real code sent meanwhile stays unused.
 """
@@ -46,6 +47,7 @@ from sqlalchemy import select as sa_select
 from sqlalchemy import update as sa_update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import configure_mappers
 from sqlalchemy.orm.instrumentation import manager_of_class
 from sqlmodel import Session, col, select
 
@@ -344,6 +346,7 @@ _NEW_BATCH = manager_of_class(CodeBatch).new_instance
 def _batch_from(row: Any) -> CodeBatch:
     """The batch from the read's b_* columns, as a transient CodeBatch. Filled in the way the
     ORM fills a loaded object (CodeBatch(**values) costs twenty times as much: it validates)."""
+    configure_mappers()  # as a query or CodeBatch() would: until then attributes have no impl
     batch: CodeBatch = _NEW_BATCH()
     batch.__dict__.update({c.name: row[f"b_{c.name}"] for c in _BATCH.c})
     return batch
