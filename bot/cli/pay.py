@@ -1,4 +1,5 @@
-"""WeChat Pay orders and refunds: `pay orders`, `pay show`, `pay sync`, `pay refund`.
+"""WeChat Pay orders and refunds: `pay orders`, `pay show`, `pay sync`, `pay refund`, and
+`pay certificates` (downloads platform certificates).
 
 Every command needs a [pay] section (exit 2 without one). A refund debits the order's tokens
 and records the refund in one transaction before WeChat Pay is asked; if WeChat cannot be
@@ -8,7 +9,8 @@ out_refund_no, so asking twice never returns the money twice."""
 from __future__ import annotations
 
 import getpass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
@@ -33,9 +35,10 @@ from bot.cli.base import (
     whole_number,
 )
 from bot.jobs.pay_sync import SyncReport, notify_url, send_refund, sync_orders
-from bot.pay.client import PayClient
-from bot.pay.keys import KeyFileError
-from bot.settings import PaySettings, Settings
+from bot.pay import certificates
+from bot.pay.client import PayClient, PayError
+from bot.pay.keys import KeyFileError, VerifyKeys, load_certificates
+from bot.settings import EMPTY_CERTIFICATES_DIR_OK, PaySettings, Settings
 from storage import payments
 from storage.db import transaction
 from storage.models import LedgerEntry, PayOrder, PayRefund
@@ -277,3 +280,71 @@ def pay_refund(
     if not as_json:
         out.print(f"{what}: {state} (WeChat Pay says the money goes back to the payer; "
                   "`newsbot pay show` follows it)", markup=False, soft_wrap=True)
+
+
+@pay_app.command("certificates")
+def pay_certificates(
+    ctx: typer.Context,
+    directory: Annotated[Path | None, typer.Option(
+        "--dir", metavar="DIR", help="Save into this directory (default: [pay] "
+        "platform_certificates_dir).")] = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Download WeChat Pay's platform certificates and save each new one as <serial>.pem.
+    The answer must verify with a key already held (public key or a saved certificate); the
+    first download with neither trusts the certificate it names (trust on first use). Exit 1,
+    nothing written, when WeChat cannot be asked, refuses, or the answer does not verify."""
+    token = EMPTY_CERTIFICATES_DIR_OK.set(True)  # this command is what fills the directory
+    try:
+        settings = _settings(ctx, config)
+    finally:
+        EMPTY_CERTIFICATES_DIR_OK.reset(token)
+    pay = _pay(settings)
+    target = directory or pay.platform_certificates_dir
+    if target is None:
+        _fail("[pay] platform_certificates_dir is not set: set it, or pass --dir DIR; "
+              "nothing written", 2)
+    if not target.is_dir():
+        _fail(f"{target} is not a directory: create it first; nothing written", 2)
+    client = _client(pay)
+    try:
+        saved = load_certificates(target)
+    except KeyFileError as exc:
+        client.close()
+        _fail(f"{exc}; nothing written", 2)
+    # Certificates already saved in --dir are trusted too, like the configured ones.
+    client.keys = VerifyKeys.of(client.keys.apiv3_key, client.keys.public_keys, saved)
+    trusted = sorted(client.keys.serials())
+    now = datetime.now(UTC)
+    with client:
+        try:
+            got = certificates.download(client, now=now)
+        except PayError as exc:
+            _fail(f"{exc}; nothing written", 1)
+    outcomes = certificates.save(target, got.certificates, now=now)
+    if as_json:
+        _dump({"directory": str(target), "first_use": got.first_use, "trusted": trusted,
+               "certificates": [{"serial": c.serial, "outcome": outcome,
+                                 "not_before": c.not_before.isoformat(),
+                                 "not_after": c.not_after.isoformat(),
+                                 "path": str(target / f"{c.serial}.pem")}
+                                for c, outcome in outcomes]})
+        return
+    if got.first_use:
+        out.print("FIRST USE: no WeChat Pay public key is configured and no certificate was "
+                  "saved yet, so the answer was verified with the certificate it carries "
+                  "(trust on first use). Check that the serial below is the one the merchant "
+                  "platform shows (账户中心 → API安全).", markup=False, soft_wrap=True)
+    else:
+        out.print(f"answer verified with a key already held ({', '.join(trusted)})",
+                  markup=False, soft_wrap=True)
+    for c, outcome in outcomes:
+        note = {"added": f"saved as {target / f'{c.serial}.pem'}",
+                "kept": "already saved, left alone",
+                "expired": "not saved"}[outcome]
+        out.print(f"{outcome} {c.serial}: valid {c.not_before:%Y-%m-%d} to "
+                  f"{c.not_after:%Y-%m-%d} ({note})", markup=False, soft_wrap=True)
+    count = {o: sum(1 for _, x in outcomes if x == o) for o in ("added", "kept", "expired")}
+    out.print(f"{count['added']} added, {count['kept']} kept, {count['expired']} expired "
+              f"in {target}", markup=False, soft_wrap=True)
