@@ -4,6 +4,7 @@ or a wrong APIv3 key writes nothing; a rerun keeps what is there."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from typer.testing import CliRunner, Result
 from bot.cli import app as cli_app
 from bot.pay.certificates import CertificateRefused, decrypt_certificates
 from bot.pay.client import PayApiError, PayClient
+from bot.pay.fake import FakeWeChatPay, _rsa_key, _self_signed
 from bot.pay.keys import load_certificates
 from bot.pay.signing import encrypt_resource
 from bot.settings import load_settings
@@ -170,3 +172,22 @@ def test_a_certificate_under_another_serial_no_is_refused() -> None:
                                  "encrypt_certificate": sealed}]})
     assert [c.serial for c in decrypt_certificates(good.encode(), ident.apiv3_key)] == [
         ident.certificate_serial]
+
+
+def test_a_new_certificate_vouching_for_itself_is_not_trusted_once_a_key_is_held(
+        tmp_path: Path, fake: FakePayProcess) -> None:
+    """Trust on first use is for the first download only: a WeChat look-alike serving (and
+    signing with) a certificate of its own is refused when we already hold a certificate."""
+    ident = identity()
+    key = _rsa_key()
+    impostor = dataclasses.replace(ident, certificate_key=key,
+                                   certificate=_self_signed(key, "Not Tenpay"))
+    with FakeWeChatPay(impostor, sign_with="certificate") as other:
+        table = ident.pay_table(tmp_path / "keys", other.base_url, mode="certificate")
+        certs = Path(table["platform_certificates_dir"])
+        before = sorted(p.name for p in certs.iterdir())
+        config = write_config(tmp_path, fake, **table)
+        done = certificates(config)
+    assert done.exit_code == 1, done.output
+    assert "unknown Wechatpay-Serial" in done.output and "nothing written" in done.output
+    assert sorted(p.name for p in certs.iterdir()) == before == [f"{ident.certificate_serial}.pem"]
