@@ -437,9 +437,11 @@ def _watch_pushes(fake: FakeWeChat, console: Console) -> None:
 
 def run_demo(*, port: int | None, workdir: Path, chat: bool, console: Console) -> int:
     """Set up, serve, chat; returns the exit code. The folder is left for inspection."""
-    # Both signals end the demo the same way, through the finally below that stops the server
-    # (SIGINT is set explicitly: a shell's `&` starts background jobs with it ignored).
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # These signals end the demo the same way, through the finally below that stops the server
+    # (SIGINT is set explicitly: a shell's `&` starts background jobs with it ignored; SIGHUP
+    # is a closed terminal window, which would otherwise leave the server running).
+    previous = {sig: signal.signal(sig, _interrupt)
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     proc: subprocess.Popen[bytes] | None = None
     fake: FakeWeChat | None = None
     fake_pay: FakeWeChatPay | None = None
