@@ -6,6 +6,7 @@ import json
 import os
 import re
 import tomllib
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -26,7 +27,7 @@ from bot.pay.keys import (
     load_private_key,
     load_public_key,
 )
-from handlers.config import ChatConfig, CodeRules, PassOffer
+from handlers.config import ChatConfig, CodeRules, PassOffer, PayPackageOffer
 
 PLACEHOLDER_PREFIX = "CHANGE-ME"
 ENV_PREFIX = "NEWSBOT_"
@@ -249,6 +250,12 @@ class PayPackage(_Section):
     label: str = Field(min_length=1, max_length=40)
 
 
+# Set by `newsbot pay certificates` only: it fills platform_certificates_dir, so it must be able
+# to start from an empty one. Everything else keeps refusing a directory with no valid key.
+EMPTY_CERTIFICATES_DIR_OK: ContextVar[bool] = ContextVar("empty_certificates_dir_ok",
+                                                         default=False)
+
+
 class PaySettings(_Section):
     """``[pay]``: a WeChat Pay merchant. Without this section payments are off."""
 
@@ -335,8 +342,9 @@ class PaySettings(_Section):
                 found = load_certificates(v)
             except KeyFileError as exc:
                 raise ValueError(str(exc)) from None
-            if not found:
-                raise ValueError(f"{v} holds no platform certificate valid today (*.pem)")
+            if not found and not EMPTY_CERTIFICATES_DIR_OK.get():
+                raise ValueError(f"{v} holds no platform certificate valid today (*.pem); "
+                                 "`newsbot pay certificates` downloads them")
         return v
 
     @field_validator("api_base")
@@ -444,7 +452,9 @@ class Settings(_Section):
                 secret=self.codes.secret.encode() if self.codes.enabled else b"",
                 max_failures=self.codes.max_failures,
                 window_minutes=self.codes.failure_window_minutes,
-                freeze_minutes=self.codes.freeze_minutes))
+                freeze_minutes=self.codes.freeze_minutes),
+            pay_packages=tuple(PayPackageOffer(p.id, p.label, p.tokens, p.price_fen)
+                               for p in (self.pay.packages if self.pay is not None else ())))
 
     def missing_secrets(self, *, need_api: bool = False) -> list[str]:
         """Keys that must be set before serving, each with a hint on how to set it."""

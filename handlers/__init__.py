@@ -20,7 +20,7 @@ from handlers import (
 from handlers.config import ChatConfig
 from handlers.errors import explain
 from handlers.router import Context, Incoming, Reply, Router, Text, reads_only_route
-from handlers.selling import ways_to_get
+from handlers.selling import ways_for
 from storage.errors import DomainError
 
 ROUTERS: tuple[Router, ...] = (
@@ -65,5 +65,5 @@ def dispatch(ctx: Context, msg: Incoming, routers: tuple[Router, ...] = ROUTERS)
                 reply = handled
                 break
     except DomainError as err:
-        reply = Text(explain(err, unit=ctx.unit, topup_hint=ways_to_get(ctx.config)))
+        reply = Text(explain(err, unit=ctx.unit, topup_hint=ways_for(ctx, msg.openid)))
     return broadcast_events.with_new_issue_note(ctx, msg, reply)

@@ -8,7 +8,7 @@ from handlers import gifts
 from handlers.format import ledger_line
 from handlers.passes import status_lines
 from handlers.router import Context, Incoming, Reply, Router, Text, reads_only
-from handlers.selling import ways_to_get
+from handlers.selling import ways_for
 from storage import ledger
 
 router = Router("balance")
@@ -48,5 +48,5 @@ _BUYING = (r"(?:怎么|如何|怎样|我要|我想|想|在哪|在哪里|哪里)?
 def how_to_top_up(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
     """The balance and every way to get tokens (and passes); writes nothing."""
     amount = ctx.standing(msg.openid, None).balance
-    return Text(f"💰 你的余额：{amount} {ctx.unit}\n\n{ways_to_get(ctx.config)}\n"
+    return Text(f"💰 你的余额：{amount} {ctx.unit}\n\n{ways_for(ctx, msg.openid)}\n"
                 f"到账后回复「余额」查看。")

@@ -10,6 +10,7 @@ from zoneinfo import ZoneInfo
 
 from handlers.config import ChatConfig
 from handlers.format import issue_heading
+from handlers.passes import until_text
 from handlers.redeem import _full_text_news
 from handlers.router import Context, Incoming, Reply, Router, Text
 from handlers.selling import ways_to_get
@@ -121,7 +122,7 @@ def reply_text(ctx: Context, outcome: CodeOutcome) -> str:
         offer = next((p for p in config.passes if p.id == period.pass_id), None)
         name = offer.name if offer else period.pass_id
         return (f"🎉 兑换成功：{name}（{period.days} 天）已开通，有效期至 "
-                f"{local_time(config, period.ends_at)}。期间发布的每一期都能读全文，"
+                f"{until_text(config, period.ends_at)}。期间发布的每一期都能读全文，"
                 f"不扣{unit}。\n余额 {outcome.balance} {unit}。" + _read_current(ctx))
     if status == "already_owned":
         n = outcome.issue_number

@@ -32,6 +32,16 @@ class CodeRules:
 
 
 @dataclass(frozen=True)
+class PayPackageOffer:
+    """A ``[[pay.packages]]`` entry: ``tokens`` sold for ``price_fen`` (分) by WeChat Pay."""
+
+    id: str
+    label: str
+    tokens: int
+    price_fen: int
+
+
+@dataclass(frozen=True)
 class ChatConfig:
     unit: str = "豆"  # [tokens] name
     max_topup: int = 100_000
@@ -45,6 +55,12 @@ class ChatConfig:
     timezone: str = "Asia/Shanghai"  # [broadcast] timezone: how times are shown
     passes: tuple[PassOffer, ...] = ()  # [[passes]]
     codes: CodeRules = field(default_factory=CodeRules)  # [codes]
+    # [[pay.packages]]; empty when [pay] is not set, and then no reply mentions payments.
+    pay_packages: tuple[PayPackageOffer, ...] = ()
+
+    @property
+    def pay_enabled(self) -> bool:
+        return bool(self.pay_packages)
 
     def is_operator(self, openid: str) -> bool:
         return openid in self.operators

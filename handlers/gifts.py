@@ -10,7 +10,7 @@ from handlers.config import ChatConfig, PassOffer
 from handlers.format import issue_heading
 from handlers.numbers import ISSUE_NUMBER
 from handlers.router import Context, Incoming, Reply, Router, Text, issue_arg
-from handlers.selling import shortfall_line, ways_to_get
+from handlers.selling import shortfall_line, ways_for, ways_to_get
 from storage import gifts, issues
 from storage.errors import InsufficientBalance
 
@@ -39,7 +39,8 @@ def gift_issue(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Repl
                               key=ctx.key, issue_number=number, issue_price=item.price,
                               now=ctx.now)
     except InsufficientBalance as err:
-        return Text(_shortfall(ctx, err, f"赠送 {number}", f"赠送{issue_heading(item)}"))
+        return Text(_shortfall(ctx, msg.openid, err, f"赠送 {number}",
+                               f"赠送{issue_heading(item)}"))
     return Text(f"🎁 礼品码：{gift.code}\n送出：{issue_heading(item)} 全文，扣除 {item.price} "
                 f"{ctx.unit}，余额 {gift.balance} {ctx.unit}。\n{FORWARD}")
 
@@ -52,15 +53,16 @@ def _gift_pass(ctx: Context, msg: Incoming, offer: PassOffer) -> Reply:
                               key=ctx.key, pass_id=offer.id, pass_days=offer.days,
                               pass_price=offer.price, now=ctx.now)
     except InsufficientBalance as err:
-        return Text(_shortfall(ctx, err, f"赠送 {offer.name}", f"赠送{offer.name}"))
+        return Text(_shortfall(ctx, msg.openid, err, f"赠送 {offer.name}", f"赠送{offer.name}"))
     return Text(f"🎁 礼品码：{gift.code}\n送出：{offer.name}（{offer.days} 天），扣除 "
                 f"{offer.price} {ctx.unit}，余额 {gift.balance} {ctx.unit}。\n{FORWARD}")
 
 
-def _shortfall(ctx: Context, err: InsufficientBalance, command: str, what: str) -> str:
+def _shortfall(ctx: Context, openid: str, err: InsufficientBalance, command: str,
+               what: str) -> str:
     return (f"余额不足，未扣费。{what}："
             + shortfall_line(needed=err.needed, balance=err.balance, unit=ctx.unit)
-            + f"\n{ways_to_get(ctx.config)}\n{ctx.unit}够了之后回复「{command}」。")
+            + f"\n{ways_for(ctx, openid)}\n{ctx.unit}够了之后回复「{command}」。")
 
 
 @router.command(r"(?:赠送\s*|gift\s+)(?P<what>\S.*)")

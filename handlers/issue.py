@@ -8,7 +8,7 @@ from handlers import passes
 from handlers.format import fit_bytes, issue_card, issue_heading
 from handlers.numbers import ISSUE_NUMBER
 from handlers.router import Context, Incoming, Reply, Router, Text, issue_arg, reads_only
-from handlers.selling import ways_to_get
+from handlers.selling import ways_for
 from storage import issues, ledger
 from storage.errors import UnknownIssue, UnknownSubscriber
 
@@ -32,7 +32,7 @@ def card_for(ctx: Context, openid: str, number: int | None, *, lead: str = "") -
     return issue_card(preview, unit=ctx.unit, balance=standing.balance,
                       unlocked=standing.unlocked, lead=lead,
                       link=ctx.make_link(openid, preview.number) if preview.is_free else None,
-                      how_to_get=ways_to_get(ctx.config),
+                      how_to_get=ways_for(ctx, openid, preview.number),
                       pass_note=None if preview.is_free else passes.covering_note(ctx, standing))
 
 

@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo
 from handlers.config import ChatConfig, PassOffer
 from handlers.numbers import ISSUE_NUMBER
 from handlers.router import Context, Incoming, Reply, Router, Text, reads_only
-from handlers.selling import pass_line, shortfall_line, ways_to_get
+from handlers.selling import pass_line, shortfall_line, ways_for
 from storage import ledger, passes
 from storage.errors import InsufficientBalance
 from storage.passes import PassPurchase
@@ -100,7 +100,7 @@ def buy_pass(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply 
                             price=offer.price, key=ctx.key, now=ctx.now,
                             reason=f"{offer.name} {offer.days} 天")
     except InsufficientBalance as err:
-        return Text(_shortfall(ctx, offer, balance=err.balance))
+        return Text(_shortfall(ctx, msg.openid, offer, balance=err.balance))
     return Text(_bought(ctx, offer, bought))
 
 
@@ -122,10 +122,10 @@ def _bought(ctx: Context, offer: PassOffer, bought: PassPurchase) -> str:
     return "\n".join(lines)
 
 
-def _shortfall(ctx: Context, offer: PassOffer, *, balance: int) -> str:
+def _shortfall(ctx: Context, openid: str, offer: PassOffer, *, balance: int) -> str:
     return "\n".join([
         f"余额不足，未开通{offer.name}："
         + shortfall_line(needed=offer.price, balance=balance, unit=ctx.unit),
-        ways_to_get(ctx.config),
+        ways_for(ctx, openid),
         f"{ctx.unit}够了之后回复「开通 {offer.name}」",
     ])

@@ -9,7 +9,7 @@ import re
 from handlers.format import REPLY_LIMIT_BYTES, byte_len, fit_bytes, has_excerpt, issue_heading
 from handlers.numbers import ISSUE_NUMBER
 from handlers.router import Context, Incoming, Reply, Router, Text, issue_arg, reads_only
-from handlers.selling import ways_to_get
+from handlers.selling import ways_for
 from storage import issues
 from storage.content import plain_text
 from storage.errors import UnknownIssue
@@ -84,7 +84,7 @@ def preview(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
     else:
         short = item.price - standing.balance
         foot += (f"\n\n解锁全文需 {item.price} {ctx.unit}，你的余额 {standing.balance} {ctx.unit}"
-                 f"，还差 {short} {ctx.unit}。\n{ways_to_get(ctx.config)}\n"
+                 f"，还差 {short} {ctx.unit}。\n{ways_for(ctx, msg.openid, item.number)}\n"
                  f"{ctx.unit}够了之后回复「兑换 {item.number}」解锁全文")
     room = REPLY_LIMIT_BYTES - byte_len(head) - byte_len(foot) - 2
     return Text(f"{head}\n\n{fit_bytes(body, room)}{foot}")

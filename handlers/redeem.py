@@ -8,7 +8,7 @@ import re
 from handlers.format import has_excerpt, issue_heading
 from handlers.numbers import ISSUE_NUMBER
 from handlers.router import Context, Incoming, News, Reply, Router, Text, issue_arg, reads_only
-from handlers.selling import not_enough, ways_to_get
+from handlers.selling import not_enough, ways_for
 from storage import issues, ledger
 from storage.errors import InsufficientBalance, UnknownIssue
 from storage.issues import IssuePreview
@@ -48,7 +48,7 @@ def unlock(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
         result = ledger.redeem(ctx.session, openid=msg.openid, issue_number=item.number,
                                price=item.price, key=ctx.key)
     except InsufficientBalance as err:
-        return Text(_shortfall(ctx, item, balance=err.balance))
+        return Text(_shortfall(ctx, msg.openid, item, balance=err.balance))
     if result.status == "free":
         return _full_text_news(ctx, msg.openid, item, "本期免费，无需兑换。")
     if result.status == "pass":
@@ -77,7 +77,7 @@ def confirm_unlock(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> 
         return _full_text_news(ctx, msg.openid, item,
                                f"你已可阅读本期全文（已解锁或会员卡包含），无需兑换，未扣{ctx.unit}。")
     if standing.balance < item.price:
-        return Text(_shortfall(ctx, item, balance=standing.balance))
+        return Text(_shortfall(ctx, msg.openid, item, balance=standing.balance))
     lines = [
         f"解锁 {issue_heading(item)}：价格 {item.price} {ctx.unit}，"
         f"你的余额 {standing.balance} {ctx.unit}。",
@@ -109,18 +109,18 @@ def read(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
         lines.append(f"回复「兑换 {item.number}」立即解锁全文")
     else:
         lines.append(f"还差 {item.price - balance} {ctx.unit}。")
-        lines.append(ways_to_get(ctx.config))
+        lines.append(ways_for(ctx, msg.openid, item.number))
         lines.append(f"{ctx.unit}够了之后回复「兑换 {item.number}」解锁全文")
     if has_excerpt(item):
         lines.append(f"回复「试读 {item.number}」先读免费部分")
     return Text("\n".join(lines))
 
 
-def _shortfall(ctx: Context, item: IssuePreview, *, balance: int) -> str:
+def _shortfall(ctx: Context, openid: str, item: IssuePreview, *, balance: int) -> str:
     """Too few tokens for 兑换: the numbers, every way to get tokens, and what to reply then."""
     lines = [
-        not_enough(ctx.config, what=f"{issue_heading(item)} ", needed=item.price,
-                   balance=balance),
+        not_enough(ctx, openid, what=f"{issue_heading(item)} ", needed=item.price,
+                   balance=balance, issue_number=item.number),
         f"{ctx.unit}够了之后回复「兑换 {item.number}」解锁全文",
     ]
     if has_excerpt(item):

@@ -59,6 +59,13 @@ class LinkMaker(Protocol):
     def __call__(self, openid: str, issue_number: int) -> str: ...
 
 
+class PayLinkMaker(Protocol):
+    """The subscriber's own pay page; with an issue it offers to pay the difference and
+    unlock it in one step."""
+
+    def __call__(self, openid: str, issue_number: int | None = None) -> str: ...
+
+
 class NeedsWrite(Exception):
     """The message needs a handler that writes: answer it on the write path instead."""
 
@@ -75,7 +82,8 @@ class FastReads(Protocol):
 @dataclass
 class Context:
     """What a handler may use: the transaction's session (for storage calls only), its config,
-    a reader-link signer and the idempotency key of this delivery.
+    a reader-link signer (and a pay-link signer when payments are on) and the idempotency key
+    of this delivery.
 
     ``read_only`` is the webhook's fast path: only handlers marked ``@reads_only`` may run,
     the current issue and the reader's standing come from ``fast``, a read-only session is
@@ -87,6 +95,7 @@ class Context:
     make_link: LinkMaker
     key: str
     now: datetime
+    pay_link: PayLinkMaker | None = None  # None: payments are off ([pay] not set)
     db: Session | None = None
     read_only: bool = False
     fast: FastReads | None = None

@@ -12,6 +12,9 @@ passes, refunds), so each row can be traced to the rows written with it:
 * a gift batch is paid for by a "gift" entry of its giver, one single-use code;
 * a refund reverses a redeem (at most once, the unlock then withdrawn) or a pass purchase (the
   period cut, never more than its price) of the same user, for no more than was charged;
+* a WeChat Pay credit ("pay") is the credit of exactly one paid order, of that order's user
+  and tokens, and every paid order has its credit; a WeChat Pay refund ("pay_refund") refers
+  to that credit, and an order's refunds never take back more than it credited;
 * the revenue report's categories add up to the sum of all entries (storage.revenue).
 
 Problems are ``Mismatch`` rows; ``openid`` is empty for one that belongs to no single reader.
@@ -37,6 +40,7 @@ from storage.models import (
     Issue,
     LedgerEntry,
     PassPeriod,
+    PayOrder,
     RedemptionCode,
     Subscriber,
 )
@@ -49,6 +53,7 @@ _CODE: Table = RedemptionCode.__table__  # type: ignore[attr-defined]
 _REDEMPTION: Table = CodeRedemption.__table__  # type: ignore[attr-defined]
 _PERIOD: Table = PassPeriod.__table__  # type: ignore[attr-defined]
 _SUB: Table = Subscriber.__table__  # type: ignore[attr-defined]
+_ORDER: Table = PayOrder.__table__  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,7 @@ class Mismatch:
 
 Flag = Callable[[str, str], None]
 
-_POSITIVE = ("topup", "code", "refund")
+_POSITIVE = ("topup", "code", "refund", "pay")
 _NEGATIVE = ("redeem", "pass", "gift")
 
 
@@ -73,7 +78,8 @@ def problems(session: Session) -> list[Mismatch]:
     def flag(openid: str, problem: str) -> None:
         found.append(Mismatch(openid, 0, 0, problem, about_balance=False))
 
-    for step in (_entries, _unlocks, _code_credits, _codes, _passes, _gifts, _refunds, _totals):
+    for step in (_entries, _unlocks, _code_credits, _codes, _passes, _gifts, _refunds,
+                 _payments, _totals):
         step(session, flag)
     return found
 
@@ -117,6 +123,7 @@ def _entries(session: Session, flag: Flag) -> None:
             (e.kind == "code") & e.code_batch_id.is_(None),
             (e.kind == "gift") & (e.issue_number.is_(None) == e.pass_id.is_(None)),
             (e.kind == "refund") & e.refers_to.is_(None),
+            (e.kind == "pay_refund") & e.refers_to.is_(None),
         )).order_by(e.id)).all()
     for entry_id, openid, kind, amount, issue, pass_id, batch, refers_to in rows:
         where = f"ledger entry #{entry_id}"
@@ -135,8 +142,8 @@ def _entries(session: Session, flag: Flag) -> None:
             flag(openid, f"{where} (code) names no code batch")
         if kind == "gift" and (issue is None) == (pass_id is None):
             flag(openid, f"{where} (gift) must name one issue or one pass")
-        if kind == "refund" and refers_to is None:
-            flag(openid, f"{where} (refund) refers to no entry")
+        if kind in ("refund", "pay_refund") and refers_to is None:
+            flag(openid, f"{where} ({kind}) refers to no entry")
 
 
 # --- unlocks ---------------------------------------------------------------------------------
@@ -515,6 +522,76 @@ def _refunds(session: Session, flag: Flag) -> None:
         if total > price:
             flag(openid, f"pass purchase #{purchase} refunded {total} in all, more than its "
                          f"price {price}")
+
+
+# --- WeChat Pay ------------------------------------------------------------------------------
+
+
+def _payments(session: Session, flag: Flag) -> None:
+    """A "pay" entry is the credit of one paid order (its user, its tokens), every paid order
+    has one, and an order's "pay_refund" entries refer to that credit and never take back more
+    than it gave (an undone refund adds back what its debit took)."""
+    e, o = _ENTRY.c, _ORDER.c
+    orders_of: dict[int, list[str]] = defaultdict(list)
+    for row in session.execute(
+            sa_select(o.out_trade_no, o.openid, o.tokens, o.status, o.credit_entry_id,
+                      e.id.label("entry"), e.openid.label("entry_openid"), e.kind,
+                      e.amount)
+            .select_from(_ORDER.outerjoin(_ENTRY, e.id == o.credit_entry_id))
+            .where(o.status.in_(["paid", "refunded"]) | o.credit_entry_id.is_not(None))
+            .order_by(o.out_trade_no)).all():
+        where = f"WeChat Pay order {row.out_trade_no}"
+        if row.entry is None:
+            flag(row.openid, f"{where} is {row.status} without its credit"
+                 + (f" (ledger entry #{row.credit_entry_id} does not exist)"
+                    if row.credit_entry_id is not None else ""))
+            continue
+        orders_of[int(row.entry)].append(row.out_trade_no)
+        if row.status not in ("paid", "refunded"):
+            flag(row.openid, f"{where} is {row.status} but was credited (entry #{row.entry})")
+        if (row.kind, row.entry_openid, row.amount) != ("pay", row.openid, row.tokens):
+            flag(row.openid, f"{where} points at ledger entry #{row.entry}, a {row.kind} of "
+                             f"{row.amount:+d} for {row.entry_openid}, not its credit of "
+                             f"+{row.tokens}")
+    for entry_id, openid in session.execute(
+            sa_select(e.id, e.openid).where(e.kind == "pay").order_by(e.id)).all():
+        found = orders_of.get(int(entry_id), [])
+        if len(found) != 1:
+            flag(openid, f"WeChat Pay credit #{entry_id} belongs to "
+                         f"{_n(len(found), 'order')}" + (f" ({', '.join(found)})" if found
+                                                          else "") + ", not exactly one")
+    credit = aliased(_ENTRY)
+    taken: dict[int, tuple[str, int, int]] = {}
+    for row in session.execute(
+            sa_select(e.id, e.openid, e.amount, e.refers_to, credit.c.id.label("target"),
+                      credit.c.kind.label("target_kind"), credit.c.openid.label("owner"),
+                      credit.c.amount.label("credited"))
+            .select_from(_ENTRY.outerjoin(credit, credit.c.id == e.refers_to))
+            .where(e.kind == "pay_refund").order_by(e.id)).all():
+        where = f"WeChat Pay refund #{row.id} ({row.amount:+d})"
+        if row.target is None:
+            flag(row.openid, f"{where} refers to ledger entry #{row.refers_to}, which does "
+                             "not exist")
+            continue
+        if row.target_kind == "pay_refund" and row.amount > 0:  # an undone refund
+            origin = session.execute(sa_select(e.refers_to).where(e.id == row.target)).scalar()
+            if origin is None or int(origin) not in taken:
+                flag(row.openid, f"{where} undoes #{row.target}, which took nothing back")
+                continue
+            owner, credited, sum_back = taken[int(origin)]
+            taken[int(origin)] = (owner, credited, sum_back + int(row.amount))
+            continue
+        if row.target_kind != "pay" or row.owner != row.openid or row.amount >= 0:
+            flag(row.openid, f"{where} refers to ledger entry #{row.target}, a "
+                             f"{row.target_kind} of {row.owner}: only a WeChat Pay credit of "
+                             "the same reader is refunded, by a debit")
+            continue
+        owner, credited, sum_back = taken.get(int(row.target), (row.owner, row.credited, 0))
+        taken[int(row.target)] = (owner, credited, sum_back + int(row.amount))
+    for target, (owner, credited, net) in taken.items():
+        if -net > credited:
+            flag(owner, f"WeChat Pay credit #{target} of +{credited} had {-net} taken back by "
+                        "refunds, more than it gave")
 
 
 # --- totals ----------------------------------------------------------------------------------

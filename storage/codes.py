@@ -10,9 +10,10 @@ Only an HMAC of the canonical code under ``[codes] secret`` is stored: a dump of
 gives away no code that can still be used.
 
 Redeeming takes the subscriber's row lock, then claims one use with a conditional UPDATE
-(``used < uses``) and records the subscriber's use under a unique (code, subscriber) key, all
-in one savepoint with the grant itself, so a code is never used more than its uses, never twice
-by one subscriber, and never used without its grant. Every failed attempt is a row of its own,
+(``used < uses``) and records the subscriber's use under a unique (code, subscriber) key,
+together with the grant itself (one statement for a tokens code on PostgreSQL, else one
+savepoint), so a code is never used more than its uses, never twice by one subscriber, and
+never used without its grant. Every failed attempt is a row of its own,
 counted per subscriber; too many in the window freeze that subscriber's attempts, and a frozen
 subscriber's text is not even looked at, so a real code sent meanwhile stays unused.
 """
@@ -27,15 +28,32 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Table, bindparam, func, insert
+from sqlalchemy import (
+    BigInteger,
+    Integer,
+    String,
+    Table,
+    bindparam,
+    case,
+    exists,
+    false,
+    func,
+    insert,
+    literal,
+    or_,
+    true,
+)
 from sqlalchemy import select as sa_select
 from sqlalchemy import update as sa_update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import configure_mappers
+from sqlalchemy.orm.instrumentation import manager_of_class
 from sqlmodel import Session, col, select
 
 from storage import ledger, passes
-from storage.errors import DomainError, IdempotencyConflict
+from storage.coverage import covered_clause
+from storage.errors import DomainError, IdempotencyConflict, UnknownSubscriber
 from storage.models import (
     CodeBatch,
     CodeFailure,
@@ -43,11 +61,12 @@ from storage.models import (
     CodeRedemption,
     Entitlement,
     Issue,
+    LedgerEntry,
     PassPeriod,
     RedemptionCode,
+    Subscriber,
     utcnow,
 )
-from storage.subscribers import lock_subscriber
 
 ALPHABET = "23456789ABCDEFGHJKMNPQRSTUVWXYZ"  # 31 symbols, no 0/O/1/I/L; 31 is prime
 BASE = len(ALPHABET)
@@ -74,6 +93,8 @@ _USE: Table = CodeRedemption.__table__  # type: ignore[attr-defined]
 _FAILURE: Table = CodeFailure.__table__  # type: ignore[attr-defined]
 _FREEZE: Table = CodeFreeze.__table__  # type: ignore[attr-defined]
 _ENT: Table = Entitlement.__table__  # type: ignore[attr-defined]
+_SUB: Table = Subscriber.__table__  # type: ignore[attr-defined]
+_ENTRY: Table = LedgerEntry.__table__  # type: ignore[attr-defined]
 
 
 class InvalidBatch(DomainError):
@@ -291,38 +312,162 @@ class _Found:
     batch: CodeBatch
 
 
-def _lock(session: Session, openid: str) -> tuple[int, datetime | None]:
-    """Balance and freeze end of ``openid``, holding their row lock until COMMIT (the lock
-    redeem and pass grants take too: one reader's unlocks, codes and passes are decided one
-    after another). The freeze is read by a statement of its own, after the lock is granted:
-    under READ COMMITTED the locking statement's snapshot predates the wait, so a freeze
-    committed by the transaction we waited for would be missed."""
-    balance = lock_subscriber(session, openid=openid)
-    until = session.connection().execute(
-        sa_select(_FREEZE.c.until).where(_FREEZE.c.openid == openid)).scalar()
-    return balance, until
+@dataclass(frozen=True)
+class _State:
+    """Everything a redemption decides on, read in one statement under the row lock."""
 
+    balance: int
+    frozen_until: datetime | None
+    key_used: bool  # the delivery's key is on a ledger entry already
+    found: _Found | None  # None: no code with this digest
+    readable: bool  # an issue code: the subscriber may read its issue already
+
+
+# Bind parameters of the statements below, which are built once: a call only binds values.
+_P_OPENID = bindparam("p_openid", type_=String())
+_P_DIGEST = bindparam("p_digest", type_=String())
+_P_KEY = bindparam("p_key", type_=String())
+_P_NOW = bindparam("p_now", type_=_FREEZE.c.until.type)
+_P_CODE = bindparam("p_code", type_=Integer())
+_P_BATCH = bindparam("p_batch", type_=Integer())
+_P_TOKENS = bindparam("p_tokens", type_=BigInteger())
+_P_REASON = bindparam("p_reason", type_=String())
 
 _BATCH_COLUMNS = [c.label(f"b_{c.name}") for c in _BATCH.c]
-_FIND = (
-    sa_select(_CODE.c.id, _CODE.c.used, _CODE.c.uses, _CODE.c.revoked_at,
-              sa_select(_USE.c.id).where(_USE.c.code_id == _CODE.c.id,
-                                         _USE.c.openid == bindparam("openid"))
-              .exists().label("mine"), *_BATCH_COLUMNS)
-    .join(_BATCH, _BATCH.c.id == _CODE.c.batch_id)
-    .where(_CODE.c.digest == bindparam("digest"))
+_MINE = exists().where(_USE.c.code_id == _CODE.c.id, _USE.c.openid == _P_OPENID)
+_READABLE = case(
+    (_BATCH.c.kind == "issue",
+     exists().where(_ENT.c.openid == _P_OPENID, _ENT.c.issue_number == _BATCH.c.issue_number)
+     | covered_clause(_P_OPENID, _BATCH.c.issue_number)),
+    else_=false())
+_NEW_BATCH = manager_of_class(CodeBatch).new_instance
+
+
+def _batch_from(row: Any) -> CodeBatch:
+    """The batch from the read's b_* columns, as a transient CodeBatch. Filled in the way the
+    ORM fills a loaded object (CodeBatch(**values) costs twenty times as much: it validates)."""
+    configure_mappers()  # as a query or CodeBatch() would: until then attributes have no impl
+    batch: CodeBatch = _NEW_BATCH()
+    batch.__dict__.update({c.name: row[f"b_{c.name}"] for c in _BATCH.c})
+    return batch
+
+
+# The subscriber's row FOR UPDATE (PostgreSQL; SQLite's writers run one at a time), the
+# freeze, whether the key is taken, and the code with its batch, whether this subscriber used
+# it and, for an issue code, whether they may read the issue already. No code matches the
+# digest "" (a malformed or mistyped code).
+_READ = (
+    sa_select(_SUB.c.balance,
+              sa_select(_FREEZE.c.until).where(_FREEZE.c.openid == _P_OPENID)
+              .scalar_subquery().label("frozen_until"),
+              exists().where(_ENTRY.c.idempotency_key == _P_KEY).label("key_used"),
+              _CODE.c.id.label("code_id"), _CODE.c.used, _CODE.c.uses,
+              _CODE.c.revoked_at.label("code_revoked_at"), _MINE.label("mine"),
+              _READABLE.label("readable"), *_BATCH_COLUMNS)
+    .select_from(_SUB.outerjoin(_CODE, _CODE.c.digest == _P_DIGEST)
+                 .outerjoin(_BATCH, _BATCH.c.id == _CODE.c.batch_id))
+    .where(_SUB.c.openid == _P_OPENID)
+    .with_for_update(of=_SUB)
 )
 
 
-def _find(session: Session, *, openid: str, code_digest: str) -> _Found | None:
-    """The code with this digest, its batch and whether ``openid`` used it: one round trip."""
-    row = session.connection().execute(
-        _FIND, {"openid": openid, "digest": code_digest}).first()
+def _read(session: Session, params: dict[str, Any]) -> _State:
+    """One round trip, taking the subscriber's row lock until COMMIT (the lock redeem and pass
+    grants take too: one reader's unlocks, codes and passes are decided one after another).
+
+    On PostgreSQL, when the lock had to be waited for, everything but the subscriber's own row
+    is as it was when the statement started, before the transaction we waited for committed;
+    a read made once the lock is held sees it all."""
+    row = session.connection().execute(_READ, params).first()
+    if row is None:
+        raise UnknownSubscriber(params["p_openid"])
+    found = None
+    if row.code_id is not None:
+        batch = _batch_from(row._mapping)
+        found = _Found(int(row.code_id), int(row.used), int(row.uses), row.code_revoked_at,
+                       bool(row.mine), batch)
+    return _State(int(row.balance), row.frozen_until, bool(row.key_used), found,
+                  bool(row.readable))
+
+
+# PostgreSQL, a tokens code: claim the use, write the credit entry, record the use and move the
+# balance in ONE statement. The claim goes first: its conditions re-check, on the current
+# rows, everything the read decided on that another transaction may have changed since (the
+# code used up or revoked by other subscribers; the freeze, the subscriber's own use and the
+# key, committed by the transaction whose lock we waited for), so a lost race writes nothing
+# and returns no row. The other writes hang off the claim's RETURNING row; their ON CONFLICT
+# DO NOTHING can only fire for a row still in flight that the claim could not see (a key
+# another subscriber is writing), and the caller refuses to go on without all four.
+_PG_CLAIM = (
+    sa_update(_CODE)
+    .where(_CODE.c.id == _P_CODE, _CODE.c.used < _CODE.c.uses, _CODE.c.revoked_at.is_(None),
+           exists().where(_BATCH.c.id == _P_BATCH, _BATCH.c.revoked_at.is_(None),
+                          or_(_BATCH.c.expires_at.is_(None), _BATCH.c.expires_at > _P_NOW)),
+           ~exists().where(_USE.c.code_id == _P_CODE, _USE.c.openid == _P_OPENID),
+           ~exists().where(_ENTRY.c.idempotency_key == _P_KEY),
+           ~exists().where(_FREEZE.c.openid == _P_OPENID, _FREEZE.c.until > _P_NOW))
+    .values(used=_CODE.c.used + 1)
+    .returning(_CODE.c.id)
+    .cte("claim")
+)
+_PG_ENTRY = (
+    postgresql.insert(_ENTRY)
+    .from_select(
+        ["openid", "amount", "kind", "idempotency_key", "reason", "balance_after",
+         "created_at", "code_batch_id"],
+        sa_select(_SUB.c.openid, _P_TOKENS, literal("code", String()), _P_KEY, _P_REASON,
+                  _SUB.c.balance + _P_TOKENS, _P_NOW, _P_BATCH)
+        .select_from(_SUB.join(_PG_CLAIM, true()))
+        .where(_SUB.c.openid == _P_OPENID))
+    .on_conflict_do_nothing(index_elements=["idempotency_key"])
+    .returning(_ENTRY.c.id, _ENTRY.c.balance_after)
+    .cte("entry")
+)
+_PG_USE = (
+    postgresql.insert(_USE)
+    .from_select(["code_id", "batch_id", "openid", "ledger_entry_id", "created_at"],
+                 sa_select(_PG_CLAIM.c.id, _P_BATCH, _P_OPENID, _PG_ENTRY.c.id, _P_NOW)
+                 .select_from(_PG_CLAIM.join(_PG_ENTRY, true())))
+    .on_conflict_do_nothing(index_elements=["code_id", "openid"])
+    .returning(_USE.c.id)
+    .cte("use")
+)
+_PG_CREDIT = (
+    sa_update(_SUB)
+    .where(_SUB.c.openid == _P_OPENID, sa_select(_PG_USE.c.id).exists())
+    .values(balance=_SUB.c.balance + _P_TOKENS)
+    .returning(_SUB.c.id, _SUB.c.balance)
+    .cte("credit")
+)
+# Outer joins: a claim whose entry, use or credit went missing must show up, not vanish.
+_PG_REDEEM = (
+    sa_select(_PG_CLAIM.c.id, _PG_ENTRY.c.id.label("entry_id"), _PG_ENTRY.c.balance_after,
+              _PG_USE.c.id.label("use_id"), _PG_CREDIT.c.id.label("sub_id"),
+              _PG_CREDIT.c.balance)
+    .select_from(_PG_CLAIM.outerjoin(_PG_ENTRY, true()).outerjoin(_PG_USE, true())
+                 .outerjoin(_PG_CREDIT, true()))
+)
+
+
+def _pg_credit(session: Session, state: _State, params: dict[str, Any]) -> CodeOutcome | None:
+    """A tokens code on PostgreSQL in one statement; None when it wrote nothing (a race lost
+    or a read that predates the lock: the caller reads again)."""
+    assert state.found is not None
+    batch = state.found.batch
+    assert batch.id is not None and batch.tokens is not None
+    row = session.connection().execute(_PG_REDEEM, params | {
+        "p_code": state.found.code_id, "p_batch": batch.id, "p_tokens": batch.tokens,
+        "p_reason": _reason(batch)}).first()
     if row is None:
         return None
-    batch = CodeBatch(**{c.name: row._mapping[f"b_{c.name}"] for c in _BATCH.c})
-    return _Found(int(row.id), int(row.used), int(row.uses), row.revoked_at, bool(row.mine),
-                  batch)
+    if (row.entry_id is None or row.use_id is None or row.sub_id is None
+            or int(row.balance) != int(row.balance_after)):
+        # Only a row in flight the claim could not see gets here; never let a claim be
+        # committed without its credit, or a credit without its use.
+        raise RuntimeError(f"code {state.found.code_id} for {params['p_openid']!r}: claimed "
+                           "without its whole credit; roll the transaction back")
+    ledger.sync_balance(session, int(row.sub_id), int(row.balance))
+    return CodeOutcome("granted", int(row.balance), batch=batch, tokens=batch.tokens)
 
 
 def _refusal(found: _Found, *, openid: str, now: datetime) -> Status | None:
@@ -392,14 +537,42 @@ def redeem_code(
 
     Every refusal is an outcome, never an exception, so the caller's transaction commits the
     failure that counts towards the freeze. Raises only UnknownSubscriber and what the grant
-    itself may raise (then nothing of the redemption is written)."""
+    itself may raise (then nothing of the redemption is written).
+
+    A tokens code on PostgreSQL is two statements (the locking read, then one statement that
+    claims, credits and records the use); every other outcome is decided on a second read,
+    made with the lock held, and written as before (docs/benchmarks.md, "Codes")."""
     now = now or utcnow()
     if not secret:
         return CodeOutcome("disabled", ledger.get_balance(session, openid=openid))
-    balance, until = _lock(session, openid)
+    if session.autoflush:  # as an ORM query would: our Core statements must see pending objects
+        session.flush()
+    code = canonical(text)
+    params: dict[str, Any] = {
+        "p_openid": openid, "p_key": key, "p_now": now,
+        "p_digest": digest(secret, code) if code is not None and check_ok(code) else ""}
+    state = _read(session, params)
+    if session.connection().dialect.name == "postgresql":
+        found = state.found
+        if (found is not None and found.batch.kind == "tokens" and not state.key_used
+                and (state.frozen_until is None or state.frozen_until <= now)
+                and _refusal(found, openid=openid, now=now) is None):
+            granted = _pg_credit(session, state, params)
+            if granted is not None:
+                return granted
+        # Decide on a read that sees everything committed before our lock was granted.
+        state = _read(session, params)
+    return _decide(session, state, params, code=code,
+                   rules=_Rules(max_failures, window, freeze))
+
+
+def _decide(session: Session, state: _State, params: dict[str, Any], *, code: str | None,
+            rules: _Rules) -> CodeOutcome:
+    """The outcome from a current read, with its writes (savepoint, statement by statement)."""
+    openid, key, now = params["p_openid"], params["p_key"], params["p_now"]
+    balance, until = state.balance, state.frozen_until
     if until is not None and until > now:  # the text is not even looked at: it stays unused
         return CodeOutcome("frozen", balance, frozen_until=until)
-    rules = _Rules(max_failures, window, freeze)
 
     def fail(status: Status, batch: CodeBatch | None = None) -> CodeOutcome:
         left, frozen = _record_failure(session, openid=openid, reason=status, now=now,
@@ -408,12 +581,11 @@ def redeem_code(
                            frozen_until=frozen,
                            issue_number=batch.issue_number if batch is not None else None)
 
-    code = canonical(text)
     if code is None:
         return fail("malformed")
     if not check_ok(code):
         return fail("typo")
-    found = _find(session, openid=openid, code_digest=digest(secret, code))
+    found = state.found
     if found is None:
         return fail("unknown")
     batch = found.batch
@@ -422,17 +594,16 @@ def redeem_code(
         return CodeOutcome("own_gift", balance, batch=batch, issue_number=batch.issue_number)
     if refusal is not None:
         return fail(refusal, batch)
-    if batch.kind == "issue" and batch.issue_number is not None and ledger.may_read(
-            session, openid=openid, issue_number=batch.issue_number):
+    if batch.kind == "issue" and batch.issue_number is not None and state.readable:
         return CodeOutcome("already_owned", balance, batch=batch,
                            issue_number=batch.issue_number)
     try:
         return _grant(session, openid=openid, found=found, key=key, now=now, balance=balance)
     except _Lost:
         # Used up or revoked between our read and the claim (another subscriber won).
-        found = _find(session, openid=openid, code_digest=digest(secret, code))
-        assert found is not None
-        return fail(_refusal(found, openid=openid, now=now) or "used_up", batch)
+        again = _read(session, params).found
+        assert again is not None
+        return fail(_refusal(again, openid=openid, now=now) or "used_up", batch)
     except IntegrityError:
         # uq_code_redemption: this subscriber's use was committed meanwhile (cannot happen
         # under the row lock, but the unique key, not the lock, is the guarantee).

@@ -139,7 +139,8 @@ def credit(
                 operator=operator, same_reason=True)
 
 
-EntryKind = Literal["topup", "adjust", "redeem", "code", "pass", "gift", "refund"]
+EntryKind = Literal["topup", "adjust", "redeem", "code", "pass", "gift", "refund", "pay",
+                    "pay_refund"]
 
 
 def post(
@@ -351,7 +352,7 @@ def redeem(
                     conn.execute(_GRANT, params | {"p_entry_id": entry_id})
             except IntegrityError:
                 continue  # rolled back to the savepoint; the next read says who won
-        _sync_balance(session, int(sub_id), balance)
+        sync_balance(session, int(sub_id), balance)
         entry = LedgerEntry(
             id=entry_id, openid=openid, amount=-price, kind="redeem", issue_number=issue_number,
             idempotency_key=key, reason=params["p_reason"], balance_after=balance, created_at=now,
@@ -390,7 +391,7 @@ def _redeem_state(session: Session, conn: Connection,
     return None
 
 
-def _sync_balance(session: Session, subscriber_id: int, balance: int) -> None:
+def sync_balance(session: Session, subscriber_id: int, balance: int) -> None:
     """Keep a Subscriber already loaded in this session in step with the Core UPDATE (the ORM
     update this replaces did that itself)."""
     if not session.identity_map:

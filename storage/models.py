@@ -95,6 +95,8 @@ class LedgerEntry(SQLModel, table=True):
     amount: int = Field(sa_type=BigInteger)
     # topup | adjust (operator) · redeem (issue unlock) · code (a code's tokens) · pass (a pass
     # bought) · gift (a gift bought for someone else) · refund (reverses the entry refers_to)
+    # · pay (tokens bought with WeChat Pay; the pay_order says which) · pay_refund (tokens taken
+    # back by a WeChat Pay refund, refers_to the pay entry; positive when a refund is undone)
     kind: str = Field(max_length=16)
     issue_number: int | None = None
     idempotency_key: str = Field(max_length=128, unique=True)
@@ -352,3 +354,71 @@ class MassJobReport(SQLModel, table=True):
     sent_count: int | None = None
     error_count: int | None = None
     received_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+
+
+class PayOrder(SQLModel, table=True):
+    """One WeChat Pay order (a top-up, or a top-up that also unlocks ``issue_number``).
+
+    The row is written (status ``creating``) before WeChat is called, with the exact request
+    body, so a retry resends the same bytes and an order whose create call timed out can still
+    be queried and settled. ``status`` moves creating → pending → paid (or closed / failed);
+    ``paid`` is claimed by one conditional UPDATE, which is what makes the credit happen once.
+    A full refund marks it ``refunded``; each refund is a ``pay_refund`` row."""
+
+    __tablename__ = "pay_order"
+    __table_args__ = (
+        CheckConstraint("amount_fen > 0 AND tokens > 0", name="ck_pay_order_positive"),
+        Index("ix_pay_order_status_created", "status", "created_at"),
+    )
+
+    out_trade_no: str = Field(primary_key=True, max_length=32)
+    openid: str = Field(max_length=64, index=True)
+    package_id: str = Field(max_length=32)
+    tokens: int = Field(sa_type=BigInteger)
+    amount_fen: int = Field(sa_type=BigInteger)
+    issue_number: int | None = None  # buy-and-unlock: the issue to unlock once paid
+    kind: str = Field(max_length=8)  # jsapi | native
+    status: str = Field(default="creating", max_length=16)
+    mch_id: str = Field(max_length=32)
+    app_id: str = Field(max_length=64)
+    description: str = Field(max_length=127)
+    request_json: str = Field(sa_column=Column(Text, nullable=False))
+    prepay_id: str | None = Field(default=None, max_length=64)
+    code_url: str | None = Field(default=None, max_length=256)
+    transaction_id: str | None = Field(default=None, max_length=64)
+    payer_openid: str | None = Field(default=None, max_length=128)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+    expires_at: datetime = Field(sa_column=_ts())
+    paid_at: datetime | None = Field(default=None, sa_column=_ts(True))
+    closed_at: datetime | None = Field(default=None, sa_column=_ts(True))
+    last_query_at: datetime | None = Field(default=None, sa_column=_ts(True))
+    credit_entry_id: int | None = None  # the kind "pay" ledger entry
+    unlock_entry_id: int | None = None  # buy-and-unlock: the redeem entry
+    unlock_note: str | None = Field(default=None, max_length=16)  # why no unlock, if none
+    refunded_fen: int = Field(default=0, sa_type=BigInteger)  # refunds requested so far
+    error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+
+
+class PayRefund(SQLModel, table=True):
+    """One refund of a pay_order. Written, together with the debit of its tokens, before
+    WeChat is asked, so a retry reuses ``out_refund_no`` and the books never show money
+    returned without its tokens taken back."""
+
+    __tablename__ = "pay_refund"
+    __table_args__ = (CheckConstraint("amount_fen > 0 AND tokens >= 0",
+                                      name="ck_pay_refund_amounts"),)
+
+    out_refund_no: str = Field(primary_key=True, max_length=64)
+    out_trade_no: str = Field(max_length=32, index=True)
+    amount_fen: int = Field(sa_type=BigInteger)
+    tokens: int = Field(sa_type=BigInteger)  # debited with this refund
+    status: str = Field(default="requested", max_length=16)  # requested | processing |
+    # success | abnormal | closed | refused (WeChat said no: the debit was given back)
+    debit_entry_id: int | None = None
+    reason: str = Field(max_length=80)
+    forced: bool = False
+    operator: str | None = Field(default=None, max_length=64)
+    refund_id: str | None = Field(default=None, max_length=64)
+    error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+    finished_at: datetime | None = Field(default=None, sa_column=_ts(True))

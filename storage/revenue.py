@@ -16,16 +16,26 @@ from sqlalchemy import select as sa_select
 from sqlalchemy.orm import aliased
 from sqlmodel import Session
 
-from storage.models import CodeBatch, CodeRedemption, LedgerEntry, Subscriber
+from storage.models import (
+    CodeBatch,
+    CodeRedemption,
+    LedgerEntry,
+    PayOrder,
+    PayRefund,
+    Subscriber,
+)
 
 _ENTRY: Table = LedgerEntry.__table__  # type: ignore[attr-defined]
 _BATCH: Table = CodeBatch.__table__  # type: ignore[attr-defined]
 _REDEMPTION: Table = CodeRedemption.__table__  # type: ignore[attr-defined]
 _SUB: Table = Subscriber.__table__  # type: ignore[attr-defined]
+_ORDER: Table = PayOrder.__table__  # type: ignore[attr-defined]
+_PAY_REFUND: Table = PayRefund.__table__  # type: ignore[attr-defined]
 
-# Kinds that bring tokens in (top-ups, codes and refunds are positive; an adjustment either
-# way) and kinds that spend them (always negative).
-IN_KINDS = ("topup", "adjust", "code", "refund")
+# Kinds that bring tokens in (top-ups, codes, refunds and WeChat Pay are positive; an
+# adjustment either way; a WeChat Pay refund takes tokens back, so it counts against "in")
+# and kinds that spend them (always negative).
+IN_KINDS = ("topup", "adjust", "code", "refund", "pay", "pay_refund")
 SPEND_KINDS = ("redeem", "pass", "gift")
 KINDS = IN_KINDS + SPEND_KINDS
 
@@ -74,6 +84,21 @@ class RefundLine:
 
 
 @dataclass(frozen=True)
+class Money:
+    """WeChat Pay in ¥ (fen): orders paid in the window, and refunds asked for in it (not
+    given back: refused or closed ones are not counted)."""
+
+    orders: int = 0
+    paid_fen: int = 0
+    refunds: int = 0
+    refunded_fen: int = 0
+
+    @property
+    def net_fen(self) -> int:
+        return self.paid_fen - self.refunded_fen
+
+
+@dataclass(frozen=True)
 class Revenue:
     since: datetime | None
     topups: int
@@ -84,6 +109,9 @@ class Revenue:
     passes: list[SpendLine] = field(default_factory=list)
     gifts: list[GiftLine] = field(default_factory=list)
     refunds: list[RefundLine] = field(default_factory=list)
+    pay: int = 0  # tokens bought with WeChat Pay
+    pay_refunds: int = 0  # net tokens taken back by WeChat Pay refunds (≤ 0)
+    money: Money = field(default_factory=Money)
     opening: int = 0  # Σ entries before ``since``: what readers held when the window opened
     outstanding: int = 0  # Σ balances now
 
@@ -93,7 +121,8 @@ class Revenue:
 
     @property
     def tokens_in(self) -> int:
-        return self.topups + self.adjustments + self.codes_in + self.refunds_in
+        return (self.topups + self.adjustments + self.codes_in + self.refunds_in + self.pay
+                + self.pay_refunds)
 
     @property
     def spent_on_issues(self) -> int:
@@ -149,9 +178,26 @@ def report(session: Session, *, since: datetime | None = None) -> Revenue:
         passes=_spend(session, "pass", since),
         gifts=_gifts(session, since),
         refunds=_refunds(session, since),
+        pay=_sum_of(session, "pay", since),
+        pay_refunds=_sum_of(session, "pay_refund", since),
+        money=_money(session, since),
         opening=opening,
         outstanding=outstanding,
     )
+
+
+def _money(session: Session, since: datetime | None) -> Money:
+    conn = session.connection()
+    orders, paid = conn.execute(
+        sa_select(func.count(), func.coalesce(func.sum(_ORDER.c.amount_fen), 0))
+        .where(_ORDER.c.status.in_(["paid", "refunded"]),
+               _window(since, _ORDER.c.paid_at))).one()
+    refunds, refunded = conn.execute(
+        sa_select(func.count(), func.coalesce(func.sum(_PAY_REFUND.c.amount_fen), 0))
+        .where(_PAY_REFUND.c.status.not_in(["refused", "closed"]),
+               _window(since, _PAY_REFUND.c.created_at))).one()
+    return Money(orders=int(orders), paid_fen=int(paid), refunds=int(refunds),
+                 refunded_fen=int(refunded))
 
 
 def _spend(session: Session, kind: str, since: datetime | None) -> list[SpendLine]:
@@ -241,7 +287,11 @@ def as_json(rev: Revenue) -> dict[str, Any]:
     left to the caller, which knows the zone to show them in)."""
     return {
         "in": {"topups": rev.topups, "adjustments": rev.adjustments, "codes": rev.codes_in,
-               "refunds": rev.refunds_in, "total": rev.tokens_in},
+               "refunds": rev.refunds_in, "wechat_pay": rev.pay,
+               "wechat_pay_refunds": rev.pay_refunds, "total": rev.tokens_in},
+        "money": {"orders": rev.money.orders, "paid_fen": rev.money.paid_fen,
+                  "refunds": rev.money.refunds, "refunded_fen": rev.money.refunded_fen,
+                  "net_fen": rev.money.net_fen},
         "spent": {"issues": rev.spent_on_issues, "passes": rev.spent_on_passes,
                   "gifts": rev.spent_on_gifts, "total": rev.tokens_spent},
         "net": rev.net,

@@ -83,3 +83,23 @@ def test_help(script: str) -> None:
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert "--quick" in done.stdout
+
+
+def test_code_redeem_quick() -> None:
+    out = run_quick("code_redeem.py")
+    assert "redemptions/s" in out and "books" in out
+    assert "statements:" in out
+    if pg_expected():
+        assert "PostgreSQL: n/a" not in out and "WITH 1" in out
+    else:
+        assert "PostgreSQL skipped" in out and "SQLite" in out
+
+
+def test_pay_notify_quick() -> None:
+    out = run_quick("pay_notify.py")
+    assert "notifications/s" in out
+    assert "SQLite books: 100 credits for 100 orders, ledger check clean: OK" in out
+    if pg_expected():
+        assert "PostgreSQL books: 100 credits for 100 orders" in out
+    else:
+        assert "PostgreSQL skipped" in out

@@ -395,13 +395,14 @@ def test_a_stale_read_cannot_overuse_a_code(engine: Engine,
             ensure_subscriber(s, openid=o)
         assert codes.redeem_code(s, openid="o_a", text=code, secret=SECRET,
                                  key="k-a").status == "granted"
-    real_find = codes._find
+    real_read = codes._read
 
-    def stale(session, *, openid, code_digest):  # type: ignore[no-untyped-def]
-        found = real_find(session, openid=openid, code_digest=code_digest)
-        return found and dataclasses.replace(found, used=0)
+    def stale(session, params):  # type: ignore[no-untyped-def]
+        state = real_read(session, params)
+        return dataclasses.replace(
+            state, found=state.found and dataclasses.replace(state.found, used=0))
 
-    monkeypatch.setattr(codes, "_find", stale)
+    monkeypatch.setattr(codes, "_read", stale)
     with transaction(engine) as s:
         out = codes.redeem_code(s, openid="o_b", text=code, secret=SECRET, key="k-b")
     assert out.status == "used_up" and out.balance == 0
@@ -419,13 +420,14 @@ def test_a_stale_read_cannot_let_one_subscriber_use_a_code_twice(
         ensure_subscriber(s, openid=READER)
         assert codes.redeem_code(s, openid=READER, text=code, secret=SECRET,
                                  key="k1").status == "granted"
-    real_find = codes._find
+    real_read = codes._read
 
-    def forgetful(session, *, openid, code_digest):  # type: ignore[no-untyped-def]
-        found = real_find(session, openid=openid, code_digest=code_digest)
-        return found and dataclasses.replace(found, used_by_me=False)
+    def forgetful(session, params):  # type: ignore[no-untyped-def]
+        state = real_read(session, params)
+        return dataclasses.replace(
+            state, found=state.found and dataclasses.replace(state.found, used_by_me=False))
 
-    monkeypatch.setattr(codes, "_find", forgetful)
+    monkeypatch.setattr(codes, "_read", forgetful)
     with transaction(engine) as s:
         out = codes.redeem_code(s, openid=READER, text=code, secret=SECRET, key="k2")
     assert out.status == "already_used"

@@ -185,7 +185,8 @@ def test_chat_retry_gets_identical_reply(tmp_path: Path, db_url: str) -> None:
         assert "outcome=duplicate" in server.log.read_text(errors="replace")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_demo_serves_and_stops_on_signal(tmp_path: Path, sig: int) -> None:
     port = free_port()
     workdir = tmp_path / "demo"

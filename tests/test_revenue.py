@@ -39,7 +39,9 @@ def test_json_has_every_category_with_stable_keys(books: Books, config: Path) ->
     assert report(config) == {
         "since": None,
         "unit": "豆",
-        "in": {"topups": 360, "adjustments": -5, "codes": 40, "refunds": 60, "total": 455},
+        "in": {"topups": 360, "adjustments": -5, "codes": 40, "refunds": 60, "wechat_pay": 0,
+               "wechat_pay_refunds": 0, "total": 455},
+        "money": {"orders": 0, "paid_fen": 0, "refunds": 0, "refunded_fen": 0, "net_fen": 0},
         "spent": {"issues": 60, "passes": 60, "gifts": 80, "total": 200},
         "net": 255,
         "opening": 0,
@@ -91,7 +93,8 @@ def test_since_limits_the_flows_but_not_what_is_outstanding(
     topup(engine, BOB, 7)  # now
     data = report(config, "--since", "2026-02-01")
     assert data["since"] == "2026-02-01T00:00:00+08:00"
-    assert data["in"] == {"topups": 7, "adjustments": 0, "codes": 0, "refunds": 0, "total": 7}
+    assert data["in"] == {"topups": 7, "adjustments": 0, "codes": 0, "refunds": 0,
+                          "wechat_pay": 0, "wechat_pay_refunds": 0, "total": 7}
     assert data["spent"] == {"issues": 0, "passes": 0, "gifts": 0, "total": 0}
     assert data["codes"] == data["issues"] == data["gifts"] == data["refunds"] == []
     assert (data["opening"], data["net"], data["outstanding"]) == (255, 7, 262)
@@ -110,8 +113,8 @@ def test_since_is_a_day_in_the_broadcast_time_zone(engine: Engine, config: Path)
     sql(engine, "UPDATE ledger_entry SET created_at = :t WHERE amount = 10",
         t=datetime(2026, 11, 30, 16, 30, tzinfo=UTC))
     data = report(config, "--since", "2026-12-01")
-    assert data["in"] == {"topups": 10, "adjustments": 0, "codes": 0, "refunds": 0,
-                          "total": 10}
+    assert data["in"] == {"topups": 10, "adjustments": 0, "codes": 0, "refunds": 0, "wechat_pay": 0,
+                          "wechat_pay_refunds": 0, "total": 10}
     assert data["opening"] == 1
 
 
@@ -124,7 +127,8 @@ def test_a_bad_since_is_refused(since: str, config: Path) -> None:
 
 def test_an_empty_ledger_reports_zeros(config: Path) -> None:
     data = report(config)
-    assert data["in"] == {"topups": 0, "adjustments": 0, "codes": 0, "refunds": 0, "total": 0}
+    assert data["in"] == {"topups": 0, "adjustments": 0, "codes": 0, "refunds": 0,
+                          "wechat_pay": 0, "wechat_pay_refunds": 0, "total": 0}
     assert (data["net"], data["outstanding"]) == (0, 0)
 
 
@@ -133,7 +137,8 @@ def test_an_entry_of_no_category_breaks_the_proof(books: Books, config: Path,
     """The report sums only the kinds it knows: ledger check says when the ledger holds
     tokens it cannot account for."""
     sql(engine, "UPDATE ledger_entry SET kind = 'bonus' WHERE id = :id", id=books.topup)
-    assert report(config)["in"] == {"topups": 60, "adjustments": -5, "codes": 40,
+    assert report(config)["in"] == {"topups": 60, "adjustments": -5, "codes": 40, "wechat_pay": 0,
+                                     "wechat_pay_refunds": 0,
                                     "refunds": 60, "total": 155}
     assert ("the revenue categories add up to -45 (in 155 − spent 200) but the ledger "
             "entries to 255") in problems(config)

@@ -27,6 +27,7 @@ from bot.cli.base import (
 from bot.settings import Settings
 from storage import issues, revenue
 from storage.db import transaction
+from storage.payments import yuan
 from storage.revenue import BatchLine, Revenue
 
 SinceOpt = Annotated[str | None, typer.Option(
@@ -111,6 +112,12 @@ def _print(rev: Revenue, settings: Settings, zone: ZoneInfo, titles: dict[int, s
         if b.tokens:
             sources.add_row(Text(_batch_name(b)), str(b.tokens))
     sources.add_row("refunds", str(rev.refunds_in))
+    if rev.pay or rev.pay_refunds or rev.money.orders:
+        money = rev.money
+        sources.add_row(f"WeChat Pay ({money.orders} orders, ¥{yuan(money.paid_fen)})",
+                        str(rev.pay))
+        sources.add_row(f"WeChat Pay refunds ({money.refunds}, ¥{yuan(money.refunded_fen)})",
+                        f"{rev.pay_refunds:+d}")
     sources.add_row("total", str(rev.tokens_in), style="bold")
     out.print(sources)
 

@@ -2,7 +2,8 @@
 fresh random secrets, a SQLite database with the sample issues and a funded reader; the real
 server (gunicorn, via ``newsbot serve``) runs as a child process and the chat simulator talks
 to it over HTTP, exactly as WeChat would. A fake WeChat API (``bot.wechat.fake``) runs in this
-process with 50 followers, so a broadcast can be watched end to end."""
+process with 50 followers, so a broadcast can be watched end to end, and so does a fake WeChat
+Pay (``bot.pay.fake``) with its own page that "pays" an order, so the pay page works too."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from sqlmodel import Session
 
 import bot
 from bot.demo.chat import run_chat
+from bot.pay.fake import FakeIdentity, FakeWeChatPay
 from bot.settings import ENV_PREFIX, Settings, SettingsError, load_settings
 from bot.wechat.fake import FakeWeChat
 from storage import codes, schema, subscribers
@@ -56,6 +58,11 @@ DEMO_APP_ID = "wx_newsbot_demo"
 FOLLOWERS = [READER, OPERATOR] + [f"o_demo_follower_{i:02d}" for i in range(48)]
 DEMO_PASS: dict[str, Any] = {"id": "month", "name": "月卡", "days": 30, "price": 100}
 DEMO_CODE_TOKENS = 50  # each of the demo's two tokens codes
+DEMO_PACKAGES: list[dict[str, Any]] = [
+    {"id": "p30", "tokens": 30, "price_fen": 300, "label": "30 豆"},
+    {"id": "p99", "tokens": 99, "price_fen": 990, "label": "99 豆"},
+    {"id": "p300", "tokens": 300, "price_fen": 2800, "label": "300 豆（超值）"},
+]
 
 
 @dataclass(frozen=True)
@@ -164,8 +171,35 @@ def _toml(value: str | int | list[str]) -> str:
     return json.dumps(value)
 
 
+def _pay_lines(pay: dict[str, Any] | None) -> list[str]:
+    """The [pay] section for the fake WeChat Pay (keys written beside the config)."""
+    if pay is None:
+        return ["# No [pay]: the fake WeChat Pay could not start, so payments are off.", ""]
+    lines = ["# The fake WeChat Pay inside the running demo process: nothing is charged.", "[pay]"]
+    lines += [f"{k} = {_toml(v)}" for k, v in pay.items() if k != "packages"]
+    for package in pay["packages"]:
+        lines += ["", "[[pay.packages]]", *(f"{k} = {_toml(v)}" for k, v in package.items())]
+    return [*lines, ""]
+
+
+def start_fake_pay(workdir: Path, console: Console) -> tuple[FakeWeChatPay | None,
+                                                              dict[str, Any] | None]:
+    """The fake WeChat Pay and its [pay] table, or (None, None) when it cannot start: the
+    demo then runs without payments."""
+    try:
+        fake = FakeWeChatPay(FakeIdentity.generate(app_id=DEMO_APP_ID), retry_scale=0.01,
+                             refund_delay_s=1.0).start()
+    except OSError as exc:
+        console.print(f"no fake WeChat Pay ({exc}); payments are off in this demo",
+                      style="yellow", markup=False)
+        return None, None
+    table = fake.identity.pay_table(workdir / "pay", fake.base_url)
+    table["packages"] = DEMO_PACKAGES
+    return fake, table
+
+
 def write_config(workdir: Path, *, port: int, api_base: str, app_secret: str,
-                 token: str) -> Path:
+                 token: str, pay: dict[str, Any] | None = None) -> Path:
     db = (workdir / "newsbot.db").as_posix()
     lines = [
         "# Written by `newsbot demo`: throwaway secrets for a local demo, never for production.",
@@ -215,6 +249,7 @@ def write_config(workdir: Path, *, port: int, api_base: str, app_secret: str,
         "scheduler = false",
         f"preview_openids = {_toml([OPERATOR])}",
         "",
+        *_pay_lines(pay),
     ]
     path = workdir / "config.toml"
     path.write_text("\n".join(lines), encoding="utf-8")
@@ -357,6 +392,13 @@ def _panel(settings: Settings, config: Path, workdir: Path, webhook: str,
     text.append(f"Then buy the pass: 开通 {DEMO_PASS['name']} ({DEMO_PASS['price']} {unit}, "
                 f"{DEMO_PASS['days']} 天).\n\n")
     text.append("Reader links open in a normal browser.\n\n")
+    if settings.pay is not None:
+        text.append("Pay (fake WeChat Pay, nothing is charged):\n", style="bold")
+        text.append("  reply 充值, open the link in a browser and pick a package; under the QR\n"
+                    "  code, 在假微信支付页面付款 → 确认支付: the page shows 到账 once the bot\n"
+                    "  has credited it. A shortfall reply's link pays the difference and\n"
+                    "  unlocks the issue in one step.\n")
+        text.append(f"  The fake's orders: {settings.pay.api_base}/\n\n")
     text.append("Watch a broadcast (another terminal, while the demo runs):\n", style="bold")
     text.append(f"  newsbot --config {config} issue publish 2\n")
     text.append(f"  newsbot --config {config} broadcast 2 --preview   (to {OPERATOR} only)\n")
@@ -395,11 +437,14 @@ def _watch_pushes(fake: FakeWeChat, console: Console) -> None:
 
 def run_demo(*, port: int | None, workdir: Path, chat: bool, console: Console) -> int:
     """Set up, serve, chat; returns the exit code. The folder is left for inspection."""
-    # Both signals end the demo the same way, through the finally below that stops the server
-    # (SIGINT is set explicitly: a shell's `&` starts background jobs with it ignored).
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # These signals end the demo the same way, through the finally below that stops the server
+    # (SIGINT is set explicitly: a shell's `&` starts background jobs with it ignored; SIGHUP
+    # is a closed terminal window, which would otherwise leave the server running).
+    previous = {sig: signal.signal(sig, _interrupt)
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     proc: subprocess.Popen[bytes] | None = None
     fake: FakeWeChat | None = None
+    fake_pay: FakeWeChatPay | None = None
     lock: TextIO | None = None
     try:
         workdir, lock = prepare_dir(workdir)
@@ -408,8 +453,9 @@ def run_demo(*, port: int | None, workdir: Path, chat: bool, console: Console) -
         fake = FakeWeChat(app_id=DEMO_APP_ID, app_secret=app_secret, followers=FOLLOWERS,
                           webhook_url=f"http://127.0.0.1:{port}/wechat",
                           webhook_token=token).start()
+        fake_pay, pay = start_fake_pay(workdir, console)
         config = write_config(workdir, port=port, api_base=fake.base_url,
-                              app_secret=app_secret, token=token)
+                              app_secret=app_secret, token=token, pay=pay)
         settings = load_settings(config, environ={})
         seeded = seed(settings, console)
         base_url = f"http://127.0.0.1:{port}"
@@ -437,6 +483,8 @@ def run_demo(*, port: int | None, workdir: Path, chat: bool, console: Console) -
     finally:
         if fake is not None:
             fake.stop()
+        if fake_pay is not None:
+            fake_pay.stop()
         if proc is not None:
             stop_server(proc)
             console.print(f"server stopped; the demo files stay in {workdir}", style="dim",

@@ -1,4 +1,5 @@
-"""APScheduler 3 with an explicit timezone around the weekly job.
+"""APScheduler 3 with an explicit timezone around the weekly job (and, with [pay], the
+minutely WeChat Pay sync: bot.jobs.pay_sync).
 
 Each fire time is claimed with a unique row (``weekly_run``), so any number of processes may
 run the scheduler: exactly one of them does the work. A fire missed while every process was down
@@ -21,6 +22,7 @@ from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy import Engine
 
 from bot.jobs.broadcast import Messenger
+from bot.jobs.pay_sync import PaySyncJob
 from bot.jobs.weekly import run_weekly_job
 from bot.settings import Settings, cron_fields
 from storage.models import utcnow
@@ -28,6 +30,8 @@ from storage.models import utcnow
 log = logging.getLogger("newsbot.scheduler")
 
 JOB_ID = "weekly"
+PAY_SYNC_JOB_ID = "pay-sync"
+PAY_SYNC_EVERY_S = 60
 
 
 def weekly_trigger(settings: Settings) -> CronTrigger:
@@ -62,6 +66,11 @@ class WeeklyScheduler:
         self.scheduler.add_job(self.fire, self.trigger, id=JOB_ID, coalesce=True,
                                max_instances=1,
                                misfire_grace_time=settings.broadcast.misfire_grace_s)
+        # [pay]: orders whose notification did not come are asked about every minute.
+        self.pay_sync = PaySyncJob(settings, engine) if settings.pay is not None else None
+        if self.pay_sync is not None:
+            self.scheduler.add_job(self.run_pay_sync, "interval", seconds=PAY_SYNC_EVERY_S,
+                                   id=PAY_SYNC_JOB_ID, coalesce=True, max_instances=1)
 
     def _on_error(self, event: JobExecutionEvent) -> None:
         log.error("scheduled job %s raised %r", event.job_id, event.exception)
@@ -80,6 +89,14 @@ class WeeklyScheduler:
         with contextlib.suppress(Exception):
             run_weekly_job(self.settings, self.engine, scheduled_for=scheduled,
                            messenger_factory=self.messenger_factory, now=self.now)
+
+    def run_pay_sync(self) -> None:
+        if self.pay_sync is None:
+            return
+        try:
+            self.pay_sync.run()
+        except Exception:  # logged; the next minute tries again
+            log.exception("pay sync job failed")
 
     def catch_up(self) -> None:
         """Run a fire missed while the process was down (within the grace time)."""
@@ -109,3 +126,5 @@ class WeeklyScheduler:
     def shutdown(self) -> None:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
+        if self.pay_sync is not None:
+            self.pay_sync.close()

@@ -251,6 +251,17 @@ class PayClient:
         answer = self._call("POST", "/v3/pay/transactions/native", body=body)
         return _required_str(answer, "code_url")
 
+    def submit_order(self, kind: str, request_json: str) -> str:
+        """Place an order from the body stored with it (storage.payments.new_order), so a
+        retry sends exactly the same bytes; the prepay_id (jsapi) or the code_url (native)."""
+        body = json.loads(request_json)
+        if kind not in ("jsapi", "native") or not isinstance(body, dict):
+            raise ValueError(f"cannot submit a {kind!r} order")
+        if body.get("mchid") != self.mch_id or body.get("appid") != self.app_id:
+            raise ValueError("the stored order is for another merchant or app")
+        answer = self._call("POST", f"/v3/pay/transactions/{kind}", body=body)
+        return _required_str(answer, "prepay_id" if kind == "jsapi" else "code_url")
+
     def jsapi_params(self, prepay_id: str) -> dict[str, str]:
         """The signed argument of ``getBrandWCPayRequest`` for a prepay_id."""
         return jsapi_pay_params(app_id=self.app_id, prepay_id=prepay_id,
@@ -299,10 +310,19 @@ class PayClient:
         return Refund.from_json(
             self._call("GET", f"/v3/refund/domestic/refunds/{_segment(out_refund_no)}"))
 
+    # -- platform certificates -------------------------------------------------------------
+
+    def download_certificates(self, trust: Callable[[bytes], VerifyKeys]) -> JSONDict:
+        """``GET /v3/certificates``. Its answer is verified with the keys ``trust`` returns for
+        the raw body (which may name a certificate from that very body on a first download);
+        ``trust`` may raise VerificationError to refuse the answer before that."""
+        return self._call("GET", "/v3/certificates", keys_for=trust)
+
     # -- transport -------------------------------------------------------------------------
 
     def _call(self, method: str, path: str, *, body: JSONDict | None = None,
-              query: Mapping[str, str] | None = None) -> JSONDict:
+              query: Mapping[str, str] | None = None,
+              keys_for: Callable[[bytes], VerifyKeys] | None = None) -> JSONDict:
         # Serialised once: every attempt sends, and signs, exactly the same bytes.
         data = b"" if body is None else json.dumps(
             body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
@@ -310,7 +330,7 @@ class PayClient:
         attempt = 0
         while True:
             try:
-                return self._attempt(method, target, data)
+                return self._attempt(method, target, data, keys_for)
             except PayTransientError as exc:
                 if attempt >= self._max_retries:
                     raise
@@ -321,7 +341,8 @@ class PayClient:
                             exc.code, attempt, delay)
                 self._sleep(delay)
 
-    def _attempt(self, method: str, target: str, data: bytes) -> JSONDict:
+    def _attempt(self, method: str, target: str, data: bytes,
+                 keys_for: Callable[[bytes], VerifyKeys] | None = None) -> JSONDict:
         headers = {
             "Accept": "application/json",
             "User-Agent": f"newsbot/{__version__}",
@@ -344,14 +365,18 @@ class PayClient:
             sent = not isinstance(exc, httpx.ConnectError)
             raise PayTransientError(CODE_NETWORK, f"{type(exc).__name__}: {exc}",
                                     maybe_processed=sent) from exc
-        return self._answer(response)
+        return self._answer(response, keys_for)
 
-    def _answer(self, response: httpx.Response) -> JSONDict:
+    def _answer(self, response: httpx.Response,
+                keys_for: Callable[[bytes], VerifyKeys] | None = None) -> JSONDict:
         status, request_id = response.status_code, response.headers.get("Request-ID")
         signed = "wechatpay-signature" in response.headers
         if 200 <= status < 300 or signed:
             try:
-                verify_signed(response.headers, response.content, self.keys, now=self._clock())
+                keys = self.keys
+                if keys_for is not None and 200 <= status < 300:
+                    keys = keys_for(response.content)
+                verify_signed(response.headers, response.content, keys, now=self._clock())
             except VerificationError as failure:
                 log.error("WeChat Pay answer refused (status %d, Request-ID %s): %s", status,
                           request_id, failure.reason)

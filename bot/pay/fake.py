@@ -588,12 +588,26 @@ class FakeWeChatPay:
                     return 204, None
                 case "POST", ["v3", "refund", "domestic", "refunds"]:
                     return 200, self._create_refund(_json_body(raw))
+                case "GET", ["v3", "certificates"]:
+                    return 200, self._certificates()
                 case "GET", ["v3", "refund", "domestic", "refunds", no]:
                     refund = self.refunds.get(no)
                     if refund is None:
                         raise _PayFailure(404, "RESOURCE_NOT_EXISTS", "退款单不存在")
                     return 200, refund.as_json(self.orders[refund.out_trade_no])
         raise _PayFailure(404, "NOT_FOUND", "接口不存在")
+
+    def _certificates(self) -> JSONDict:
+        """Its platform certificate, encrypted with the APIv3 key as WeChat serves it."""
+        cert = self.identity.certificate
+        sealed = encrypt_resource(cert.public_bytes(Encoding.PEM), self.identity.apiv3_key,
+                                  associated_data="certificate", original_type="certificate")
+        del sealed["original_type"]  # certificate items carry no original_type
+        return {"data": [{
+            "serial_no": self.identity.certificate_serial,
+            "effective_time": _rfc3339(cert.not_valid_before_utc.timestamp()),
+            "expire_time": _rfc3339(cert.not_valid_after_utc.timestamp()),
+            "encrypt_certificate": sealed}]}
 
     # -- orders ----------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ import bottle
 from sqlalchemy import Engine
 
 from bot.settings import Settings
-from bot.web.links import READER_PREFIX, ReaderLinks
+from bot.web.links import READER_PREFIX, BadLink, ReaderLinks, check_fields
 from handlers.numbers import parse_int
 from storage.content import render_html
 from storage.db import read_only
@@ -39,13 +39,6 @@ log = logging.getLogger(__name__)
 # Issue numbers are positive and far below what any database integer column holds; anything
 # else cannot name an issue and must not reach the query.
 MAX_ISSUE_NUMBER = 10**9
-_MAX_OPENID_LEN = 128
-# Unix seconds, digits only (int() would also take "+1", " 1", "1_0" or non-ASCII digits).
-_EXPIRES_RE = re.compile(r"[0-9]{1,12}")
-# urlsafe base64 of a SHA-256 digest is 43 characters; a little slack, ASCII only, because
-# hmac.compare_digest refuses non-ASCII str.
-_SIG_RE = re.compile(r"[A-Za-z0-9_-]{16,128}")
-
 _FALLBACK_TZ = timezone(timedelta(hours=8), "Asia/Shanghai")
 
 # No scripts, fonts, frames or requests of any kind beyond the page itself; images only as
@@ -388,32 +381,20 @@ def render_issue_page(
     )
 
 
-class _BadLink(Exception):
-    """The query string cannot be a link we issued."""
-
-
-def _single(query: Any, name: str) -> str:
+def single(query: Any, name: str) -> str:
     """The one value of ``name`` as text; missing, repeated or undecodable is a bad link."""
     values = query.getall(name)
     if len(values) != 1:
-        raise _BadLink(f"{name}: {len(values)} values")
+        raise BadLink(f"{name}: {len(values)} values")
     value = query.getunicode(name)
     if not isinstance(value, str) or not value:
-        raise _BadLink(f"{name}: empty or not UTF-8")
+        raise BadLink(f"{name}: empty or not UTF-8")
     return value
 
 
-def _link_params(query: Any) -> tuple[str, int, str]:
-    openid = _single(query, "u")
-    if len(openid) > _MAX_OPENID_LEN or not openid.isprintable():
-        raise _BadLink("u: malformed")
-    raw_expires = _single(query, "e")
-    if not _EXPIRES_RE.fullmatch(raw_expires):
-        raise _BadLink("e: not a unix time")
-    sig = _single(query, "s")
-    if not _SIG_RE.fullmatch(sig):
-        raise _BadLink("s: malformed")
-    return openid, int(raw_expires), sig
+def link_params(query: Any) -> tuple[str, int, str]:
+    """``u``, ``e`` and ``s`` of a signed link's query, checked for shape (not signature)."""
+    return check_fields(single(query, "u"), single(query, "e"), single(query, "s"))
 
 
 class _ReaderApp:
@@ -495,8 +476,8 @@ class _ReaderApp:
     def _read(self, number: int) -> Any:
         known = number if 0 < number <= MAX_ISSUE_NUMBER else None
         try:
-            openid, expires, sig = _link_params(bottle.request.query)
-        except _BadLink as exc:
+            openid, expires, sig = link_params(bottle.request.query)
+        except BadLink as exc:
             log.info("reader link refused for issue %s: %s", number, exc)
             return self._respond(403, self.invalid(known))
         who = mask_openid(openid)

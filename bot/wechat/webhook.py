@@ -27,7 +27,7 @@ from werobot.replies import Article, ArticlesReply, TextReply
 
 import handlers
 from bot.settings import Settings
-from bot.web.links import ReaderLinks
+from bot.web.links import PayLinks, ReaderLinks
 from bot.wechat.crypto import CryptoError, WeChatCrypto
 from handlers.errors import BUSY
 from handlers.format import fit_bytes
@@ -291,6 +291,7 @@ class Webhook:
         self.engine = engine
         self.clock = clock
         self.links = ReaderLinks(settings)
+        self.pay_links = PayLinks(settings) if settings.pay is not None else None
         self.routers = routers
         self.crypto = crypto_from_settings(settings)
         self.fast = FastPath(engine)
@@ -500,7 +501,7 @@ class Webhook:
         if handlers.first_route_writes(self.config, msg, self.routers):
             return None  # 兑换, follow/unfollow, operator commands, WeChat's reports …
         with self.fast.reading() as reads:
-            ctx = Context(config=self.config, make_link=self.links,
+            ctx = Context(config=self.config, make_link=self.links, pay_link=self.pay_links,
                           key=delivery.idempotency_key, now=utcnow(), read_only=True,
                           fast=reads, open_session=lambda: read_only(self.engine))
             try:
@@ -532,7 +533,7 @@ class Webhook:
         if msg.event not in SYSTEM_EVENTS:  # those come from WeChat itself, not a follower
             subscribers.ensure_subscriber(session, openid=msg.openid)
         ctx = Context(db=session, config=self.config, make_link=self.links,
-                      key=delivery.idempotency_key, now=utcnow())
+                      pay_link=self.pay_links, key=delivery.idempotency_key, now=utcnow())
         reply = handlers.dispatch(ctx, msg, self.routers)
         inbox.finish(session, key=delivery.dedupe_key, reply_json=reply_to_json(reply))
         return reply, "ok"
