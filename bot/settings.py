@@ -122,6 +122,33 @@ class OperatorSettings(_Section):
     openids: list[str] = []
 
 
+class ConsoleSettings(_Section):
+    """``[console]``: the operators' web console (links from ``#console`` or
+    ``newsbot console-link``; the HMAC key is ``[reader] secret``)."""
+
+    link_minutes: int = Field(15, ge=1, le=1440)  # how long a link may be opened (once)
+    session_hours: int = Field(10, ge=1, le=72)  # how long the session it starts lasts
+
+
+class InboxSettings(_Section):
+    """``[inbox]``: free text subscribers send, kept for the operators to answer."""
+
+    # Operators get a chat notice of new messages at most once per this many minutes.
+    notify_every_minutes: int = Field(30, ge=1, le=10080)
+    keep_days: int = Field(180, ge=1, le=3650)  # messages and their replies
+    max_chars: int = Field(2000, ge=1, le=20000)  # longer messages are stored cut
+
+
+class RetentionSettings(_Section):
+    """``[retention]``: how long delivery records are kept (storage.retention)."""
+
+    # Stored replies answer WeChat's retries, which come within 15 seconds: a day is ample.
+    replies_hours: int = Field(24, ge=1, le=24 * 90)
+    reply_max_bytes: int = Field(4096, ge=512, le=65536)  # a stored reply is cut to this
+    purge_batch: int = Field(1000, ge=10, le=100_000)  # rows per DELETE
+    purge_every_minutes: int = Field(10, ge=1, le=1440)  # the scheduled purge
+
+
 class PassSettings(_Section):
     """One ``[[passes]]`` entry: a time pass (会员卡) sold for tokens."""
 
@@ -403,6 +430,9 @@ class Settings(_Section):
     passes: list[PassSettings] = []
     codes: CodeSettings = CodeSettings()
     pay: PaySettings | None = None  # no [pay]: payments off
+    console: ConsoleSettings = ConsoleSettings()
+    inbox: InboxSettings = InboxSettings()
+    retention: RetentionSettings = RetentionSettings()
 
     source: str | None = Field(default=None, exclude=True)
 
@@ -454,7 +484,8 @@ class Settings(_Section):
                 window_minutes=self.codes.failure_window_minutes,
                 freeze_minutes=self.codes.freeze_minutes),
             pay_packages=tuple(PayPackageOffer(p.id, p.label, p.tokens, p.price_fen)
-                               for p in (self.pay.packages if self.pay is not None else ())))
+                               for p in (self.pay.packages if self.pay is not None else ())),
+            inbox_max_chars=self.inbox.max_chars)
 
     def missing_secrets(self, *, need_api: bool = False) -> list[str]:
         """Keys that must be set before serving, each with a hint on how to set it."""

@@ -57,6 +57,7 @@ class ChatConfig:
     codes: CodeRules = field(default_factory=CodeRules)  # [codes]
     # [[pay.packages]]; empty when [pay] is not set, and then no reply mentions payments.
     pay_packages: tuple[PayPackageOffer, ...] = ()
+    inbox_max_chars: int = 2000  # [inbox] max_chars: a longer message is stored cut
 
     @property
     def pay_enabled(self) -> bool:

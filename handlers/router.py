@@ -16,7 +16,7 @@ from sqlmodel import Session
 
 from handlers.config import ChatConfig
 from handlers.numbers import BadIssueNumber, issue_number
-from storage import issues, subscribers
+from storage import events, issues, subscribers
 from storage.issues import IssuePreview
 from storage.subscribers import Standing
 
@@ -101,6 +101,11 @@ class Context:
     fast: FastReads | None = None
     open_session: Callable[[], AbstractContextManager[Session]] | None = None
     deferred_notice: int | None = None
+    # An operator's one-time console link (bot.console); None where the console is not served.
+    console_link: Callable[[str], str] | None = None
+    # Events a handler noted (card views): the webhook records them with the delivery's claim,
+    # in the same statement on the fast path, so a retry of the message adds none.
+    events: list[dict[str, object]] = field(default_factory=list)
     _opened: tuple[AbstractContextManager[Session], Session] | None = field(
         default=None, repr=False)
     _current: IssuePreview | Literal[False] | None = field(default=False, repr=False)
@@ -142,6 +147,12 @@ class Context:
                 if self.fast is not None else
                 subscribers.standing(self.session, openid=openid, issue_number=issue_number))
         return found
+
+    def note_event(self, kind: str, *, openid: str, issue_number: int | None = None,
+                   detail: str | None = None, amount: int | None = None) -> None:
+        """Record an event (storage.events) with this delivery, whichever path answers it."""
+        self.events.append(events.row(kind, openid=openid, at=self.now,
+                                      issue_number=issue_number, detail=detail, amount=amount))
 
     @property
     def unit(self) -> str:

@@ -11,6 +11,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Index,
+    Integer,
     Text,
     TypeDecorator,
     UniqueConstraint,
@@ -58,6 +59,9 @@ class Subscriber(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
     subscribed_at: datetime | None = Field(default=None, sa_column=_ts(True))
     unsubscribed_at: datetime | None = Field(default=None, sa_column=_ts(True))
+    # The QR scene (``newsbot qr create``) that first brought this subscriber, if any: stats
+    # attribute their payments to it. Set once, by the first follow or scan that carries one.
+    scene: str | None = Field(default=None, max_length=64)
 
 
 class Issue(SQLModel, table=True):
@@ -422,3 +426,122 @@ class PayRefund(SQLModel, table=True):
     error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     created_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
     finished_at: datetime | None = Field(default=None, sa_column=_ts(True))
+
+
+# A 64-bit id that is still SQLite's rowid (a BIGINT primary key would not autoincrement there).
+_BIG_ID = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Event(SQLModel, table=True):
+    """One thing a subscriber did, for ``newsbot stats`` and the console: a narrow row written
+    by the path that did it (same transaction, or on the webhook's fast path the same
+    statement as the delivery's claim). Kept for stats when the deliveries are purged.
+
+    ``kind`` is one of storage.events.KINDS; ``detail`` qualifies it (how an issue was
+    unlocked, where a top-up came from, the QR scene of a follow or scan, an inbox message's
+    kind); ``amount`` is the tokens involved, when any."""
+
+    __tablename__ = "event"
+    __table_args__ = (Index("ix_event_at", "at"),)
+
+    id: int | None = Field(default=None, sa_column=Column(_BIG_ID, primary_key=True))
+    at: datetime = Field(sa_column=_ts())
+    kind: str = Field(max_length=12)
+    openid: str = Field(max_length=64)
+    issue_number: int | None = None
+    detail: str | None = Field(default=None, max_length=64)
+    amount: int | None = Field(default=None, sa_type=BigInteger)
+
+
+class InboxMessage(SQLModel, table=True):
+    """Free text a subscriber sent that no command took (or an explicit 人工), kept for the
+    operators for ``[inbox] keep_days``. ``answered_at`` is set by the first reply sent."""
+
+    __tablename__ = "inbox_message"
+    __table_args__ = (Index("ix_inbox_message_openid_id", "openid", "id"),
+                      Index("ix_inbox_message_at", "at"))
+
+    id: int | None = Field(default=None, primary_key=True)
+    openid: str = Field(max_length=64)
+    at: datetime = Field(sa_column=_ts())
+    kind: str = Field(default="text", max_length=8)  # text | human (asked for a person)
+    text: str = Field(sa_column=Column(Text, nullable=False))
+    dedupe_key: str = Field(max_length=200, unique=True)  # the delivery: stored once
+    read_at: datetime | None = Field(default=None, sa_column=_ts(True))
+    answered_at: datetime | None = Field(default=None, sa_column=_ts(True))
+
+
+class InboxReply(SQLModel, table=True):
+    """An operator's answer, sent as a customer-service message, stored beside the question
+    it answers (``message_id``: the subscriber's latest message when it was sent)."""
+
+    __tablename__ = "inbox_reply"
+
+    id: int | None = Field(default=None, primary_key=True)
+    openid: str = Field(max_length=64, index=True)
+    message_id: int | None = Field(default=None, index=True)
+    text: str = Field(sa_column=Column(Text, nullable=False))
+    operator: str = Field(max_length=64)
+    at: datetime = Field(sa_column=_ts())
+    status: str = Field(max_length=16)  # sent | refused (never sent: why is in error)
+    error: str | None = Field(default=None, max_length=200)
+
+
+class InboxNotice(SQLModel, table=True):
+    """One chat notice to the operators about new inbox messages. ``slot`` (minutes since the
+    epoch // ``[inbox] notify_every_minutes``) is unique, so many processes send it once."""
+
+    __tablename__ = "inbox_notice"
+
+    id: int | None = Field(default=None, primary_key=True)
+    slot: int = Field(unique=True, sa_type=BigInteger)
+    sent_at: datetime = Field(sa_column=_ts())
+    count: int = 0
+    last_message_id: int = 0  # messages after this one are new for the next notice
+
+
+class QrCode(SQLModel, table=True):
+    """A parametric QR code made by ``newsbot qr create``: follows and scans carrying its
+    scene are attributed to it."""
+
+    __tablename__ = "qr_code"
+
+    id: int | None = Field(default=None, primary_key=True)
+    scene: str = Field(max_length=64, index=True)
+    permanent: bool = False
+    expires_at: datetime | None = Field(default=None, sa_column=_ts(True))
+    ticket: str = Field(max_length=200)
+    url: str = Field(max_length=200)
+    created_by: str | None = Field(default=None, max_length=64)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+
+
+class ConsoleSession(SQLModel, table=True):
+    """An operator's console session, started by opening a signed link once (``grant_nonce`` is
+    that link's nonce, unique: a link starts one session). Only a hash of the cookie is
+    stored, so a dump of this table lets no one in."""
+
+    __tablename__ = "console_session"
+
+    token_sha256: str = Field(primary_key=True, max_length=64)
+    grant_nonce: str = Field(max_length=64, unique=True)
+    openid: str = Field(max_length=64)
+    csrf: str = Field(max_length=64)
+    created_at: datetime = Field(sa_column=_ts())
+    expires_at: datetime = Field(sa_column=_ts())
+    ended_at: datetime | None = Field(default=None, sa_column=_ts(True))
+
+
+class OperatorAction(SQLModel, table=True):
+    """The audit trail of the console: every state-changing action, refused ones too."""
+
+    __tablename__ = "operator_action"
+    __table_args__ = (Index("ix_operator_action_at", "at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = Field(sa_column=_ts())
+    operator: str = Field(max_length=64)
+    action: str = Field(max_length=40)
+    target: str = Field(default="", max_length=128)
+    result: str = Field(max_length=16)  # ok | refused | error
+    detail: str = Field(default="", sa_column=Column(Text, nullable=False))
