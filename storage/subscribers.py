@@ -11,6 +11,7 @@ from sqlalchemy import func, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select, update
 
+from storage import events
 from storage.coverage import COVERED_SQL
 from storage.errors import UnknownSubscriber
 from storage.models import Subscriber, utcnow
@@ -62,13 +63,26 @@ def set_subscribed(session: Session, *, openid: str, subscribed: bool,
     session.execute(update(Subscriber).where(col(Subscriber.openid) == openid).values(**values))
 
 
-def follow(session: Session, *, openid: str, at: datetime | None = None) -> bool:
-    """Mark ``openid`` as following. True when they are a returning follower: they had
-    followed before and left (their balance and unlocks are still here)."""
+def follow(session: Session, *, openid: str, at: datetime | None = None,
+           scene: str | None = None) -> bool:
+    """Mark ``openid`` as following (recording the follow, with the QR scene that brought
+    them, if any). True when they are a returning follower: they had followed before and left
+    (their balance and unlocks are still here)."""
     sub = get_subscriber(session, openid=openid)
     returning = sub is not None and (not sub.subscribed or sub.unsubscribed_at is not None)
     set_subscribed(session, openid=openid, subscribed=True, at=at)
+    if scene:
+        attribute(session, openid=openid, scene=scene)
+    events.record(session, events.FOLLOW, openid=openid, at=at, detail=scene or None)
     return returning
+
+
+def attribute(session: Session, *, openid: str, scene: str) -> None:
+    """Credit ``scene`` with this subscriber unless an earlier scene already brought them
+    (first touch: the code that won them keeps them)."""
+    session.execute(update(Subscriber)
+                    .where(col(Subscriber.openid) == openid, col(Subscriber.scene).is_(None))
+                    .values(scene=scene[:64]))
 
 
 def list_subscribers(
