@@ -1,5 +1,5 @@
 """Builds the WSGI application: the webhook, the reader pages, WeChat Pay's purchase page and
-notifications, and a health check."""
+notifications, the operators' console, and a health check."""
 
 from __future__ import annotations
 
@@ -32,5 +32,8 @@ def create_app(settings: Settings, engine: Engine) -> bottle.Bottle:
         app.config[PAY_NOTIFY] = notify.install(app, settings=settings, engine=engine,
                                                 messenger_factory=factory)
         app.config[PAY_CLIENT] = page.install(app, settings=settings, engine=engine)
+    from bot.console.core import create_console
+
+    create_console(settings, engine).install(app)
     health.install(app, engine=engine)
     return app
