@@ -272,6 +272,15 @@ class Notice:
     latest: str  # the newest message's text
 
 
+def new_since_notice(session: Session) -> int:
+    """Unread messages newer than the last notice: what the next notice would count."""
+    conn = session.connection()
+    after = conn.execute(select(_NOTICE.c.last_message_id).order_by(_NOTICE.c.slot.desc())
+                         .limit(1)).scalar() or 0
+    return int(conn.execute(select(func.count()).select_from(_MSG).where(
+        _MSG.c.id > after, _MSG.c.read_at.is_(None))).scalar() or 0)
+
+
 def claim_notice(session: Session, *, now: datetime, every: timedelta) -> Notice | None:
     """Claim the next notice if one is due: there are unread messages newer than the last
     notice's, and that notice is at least ``every`` old. ``slot`` is the last notice's plus

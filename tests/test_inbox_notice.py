@@ -87,9 +87,13 @@ def test_at_most_once_per_interval_counting_what_is_new(
         job: InboxNoticeJob, fake: FakeWeChat, engine: Engine, clock: Clock) -> None:
     assert job.run() is None  # nothing at all
     leave(engine, 3)
+    with transaction(engine) as s:
+        assert mailbox.new_since_notice(s) == 3
     assert job.run() is not None and "有 3 条新留言。" in fake.custom_messages[-1][1]
     clock.now = T0 + timedelta(minutes=10)
     leave(engine, 2, at=clock.now)
+    with transaction(engine) as s:
+        assert (mailbox.new_since_notice(s), mailbox.unread_count(s)) == (2, 5)
     assert job.run() is None  # too soon: 10 of 30 minutes
     clock.now = T0 + timedelta(minutes=30)
     run = job.run()

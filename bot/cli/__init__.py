@@ -5,7 +5,7 @@ Exit codes, the same for every command (README "CLI reference" has the same tabl
 0 done. 1 the command ran but the answer is no, or something outside the request failed: a
 look-up found nothing (`issue show`, `user show`, `broadcast status N`, `code show`), `ledger
 check` found differences, the database, the server or WeChat could not be reached or refused a
-call.
+call (`reply` outside the 48-hour window too: the refused attempt is stored).
 2 the request cannot be carried out as given, and nothing was written: a wrong argument or
 option, bad configuration or missing secrets, a schema that needs `db upgrade`, a bad issue
 file (every problem of every file is listed), or a write the stored data refuses (a bad amount,
