@@ -196,6 +196,17 @@ def record_reply(session: Session, *, openid: str, text: str, operator: str, at:
     return int(reply_id)
 
 
+def recent_same_reply(session: Session, *, openid: str, text: str,
+                      since: datetime) -> Any:
+    """When this very text was last sent (or is being sent) to ``openid`` after ``since``
+    (an aware datetime), or None."""
+    found = session.connection().execute(
+        select(func.max(_REPLY.c.at)).where(
+            _REPLY.c.openid == openid, _REPLY.c.text == text, _REPLY.c.at >= since,
+            _REPLY.c.status.in_(("sending", "sent")))).scalar()
+    return found
+
+
 def finish_reply(session: Session, *, reply_id: int, status: ReplyStatus, at: datetime,
                  error: str | None = None) -> None:
     """The outcome of an attempt recorded as ``sending``."""

@@ -189,3 +189,46 @@ def test_bad_input_writes_nothing(config: Path, fake: FakeWeChat, engine: Engine
     result = newsbot(config, "reply", openid, text)
     assert result.exit_code == 2 and says in result.stderr and "nothing written" in result.stderr
     assert replies(engine) == [] and fake.calls == []
+
+
+def test_the_same_reply_twice_is_sent_once(config: Path, fake: FakeWeChat,
+                                           engine: Engine) -> None:
+    leave(engine, "你好", at=utcnow())
+    assert newsbot(config, "reply", READER, "收到，已处理").exit_code == 0
+    again = newsbot(config, "reply", READER, " 收到，已处理 ")  # a double submit
+    assert again.exit_code == 2 and "not sent again" in again.stderr
+    assert newsbot(config, "reply", READER, "还有一件事").exit_code == 0  # other text is fine
+    assert [m for _, m in fake.custom_messages] == ["收到，已处理", "还有一件事"]
+    assert [r.status for r in replies(engine)] == ["sent", "sent"]
+
+
+def test_a_double_submit_at_once_sends_once(fake: FakeWeChat, engine: Engine,
+                                            config: Path) -> None:
+    """Two operators (or one form sent twice) at the same moment: the subscriber's row lock
+    makes the second wait for the first's 'sending' row, then refuse."""
+    import threading
+
+    from bot.settings import load_settings
+    from bot.wechat.api import WeChatClient
+    from bot.wechat.reply import BadReply, send_reply
+
+    leave(engine, "你好", at=utcnow())
+    settings = load_settings(config)
+    fake.delay_next(0.5, path=CUSTOM_SEND)
+    results: list[str] = []
+
+    def send() -> None:
+        with WeChatClient(settings.wechat, engine) as client:
+            try:
+                results.append(send_reply(engine, client, openid=READER, text="好的",
+                                          operator="a").why)
+            except BadReply as exc:
+                results.append(exc.code)
+
+    threads = [threading.Thread(target=send) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(results) == ["repeat", "sent"]
+    assert fake.custom_messages == [(READER, "好的")]

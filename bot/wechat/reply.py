@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Final, Literal, Protocol
 
 from sqlalchemy import Engine
@@ -31,6 +31,8 @@ from storage.models import utcnow
 # WeChat's limit on a text message (shared/wechat-platform.md §2); longer is refused (45002).
 REPLY_MAX_BYTES: Final = 2048
 ERRCODE_INVALID_OPENID: Final = 40003
+# The same text to the same subscriber again this soon is a double submit, not a new answer.
+RESEND_GAP: Final = timedelta(minutes=2)
 
 Why = Literal["sent", "window", "unfollowed", "unauthorized", "out_of_time", "count",
               "not_follower", "failed"]
@@ -43,10 +45,13 @@ class CustomSender(Protocol):
 
 
 class BadReply(ValueError):
-    """The reply cannot be sent as given (nothing was written): ``reason`` says what to fix."""
+    """The reply cannot be sent as given (nothing was written): ``reason`` says what to fix,
+    ``code`` which problem it is (empty, too_long, unknown, repeat)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, code: Literal["empty", "too_long", "unknown", "repeat"],
+                 reason: str) -> None:
         super().__init__(reason)
+        self.code = code
         self.reason = reason
 
 
@@ -66,10 +71,10 @@ def check_text(text: str) -> str:
     """The reply as it will be sent, or BadReply: not empty, within WeChat's size."""
     text = text.strip()
     if not text:
-        raise BadReply("the reply is empty")
+        raise BadReply("empty", "the reply is empty")
     size = len(text.encode("utf-8"))
     if size > REPLY_MAX_BYTES:
-        raise BadReply(f"the reply is {size} bytes of UTF-8; WeChat takes at most "
+        raise BadReply("too_long", f"the reply is {size} bytes of UTF-8; WeChat takes at most "
                        f"{REPLY_MAX_BYTES} (about {REPLY_MAX_BYTES // 3} Chinese characters)")
     return text
 
@@ -83,7 +88,15 @@ def send_reply(engine: Engine, sender: CustomSender, *,
     at = now()
     with transaction(engine) as s:
         if subscribers.get_subscriber(s, openid=openid) is None:
-            raise BadReply(f"no subscriber with openid {openid!r}")
+            raise BadReply("unknown", f"no subscriber with openid {openid!r}")
+        # One reply to a subscriber is decided at a time (their row's lock), so a form sent
+        # twice, or two operators pressing at once, cannot both send the same text.
+        subscribers.lock_subscriber(s, openid=openid)
+        earlier = mailbox.recent_same_reply(s, openid=openid, text=text, since=at - RESEND_GAP)
+        if earlier is not None:
+            seconds = max(0, int((at - earlier).total_seconds()))
+            raise BadReply("repeat", f"the same reply went to {openid} {seconds} s ago; "
+                                     "not sent again")
         win = mailbox.window(s, openid, at)
         if not win.open:
             why: Why = "unfollowed" if win.unfollowed else "window"

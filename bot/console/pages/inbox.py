@@ -149,12 +149,12 @@ def _back_link() -> str:
 
 
 def _bad_reply(exc: BadReply) -> str:
-    if "empty" in exc.reason:
-        return "回复是空的，没有发送。"
-    if "no subscriber" in exc.reason:
-        return "没有这位读者，没有发送。"
-    return (f"回复太长，没有发送：微信最多 {REPLY_MAX_BYTES} 字节"
-            f"（约 {REPLY_MAX_BYTES // 3} 个汉字）。")
+    return {
+        "empty": "回复是空的，没有发送。",
+        "unknown": "没有这位读者，没有发送。",
+        "repeat": "同样的回复刚刚已经发给这位读者，没有再发一次。",
+    }.get(exc.code, f"回复太长，没有发送：微信最多 {REPLY_MAX_BYTES} 字节"
+                    f"（约 {REPLY_MAX_BYTES // 3} 个汉字）。")
 
 
 def _item(item: Message | mailbox.Reply, zone: ZoneInfo) -> str:
