@@ -6,7 +6,7 @@ live there."""
 from __future__ import annotations
 
 from bot.console.core import Console, ConsoleRequest, esc
-from bot.console.pages.pagekit import local, table, zone
+from bot.console.pages.pagekit import local, snapshot, table, zone
 from storage import broadcasts
 from storage.models import Broadcast, BroadcastBatch
 
@@ -45,7 +45,7 @@ def install(console: Console) -> None:
     @console.page(PATH, title="群发", nav="群发", order=50)
     def broadcasts_page(req: ConsoleRequest) -> str:
         tz = zone(req)
-        with req.reading() as session:
+        with snapshot(req) as session:
             records = broadcasts.list_broadcasts(session, limit=20)
             sections = [_section(r, broadcasts.batches(session, broadcast_id=r.id or 0), req)
                         for r in records]

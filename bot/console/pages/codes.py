@@ -17,7 +17,7 @@ from datetime import date, datetime, time, timedelta
 import bottle
 
 from bot.console.core import Console, ConsoleRequest, Done, Refused, esc
-from bot.console.pages.pagekit import hidden, local, table, whole, zone
+from bot.console.pages.pagekit import hidden, local, snapshot, table, whole, zone
 from storage import codes
 from storage.codes import BatchKind, BatchSummary
 from storage.models import CodeBatch
@@ -118,7 +118,7 @@ def install(console: Console) -> None:
             return ("<p class=empty>兑换码未启用：在配置文件的 [codes] 里设置 secret"
                     "（至少 16 个随机字符）后重启。</p>")
         tz, unit = zone(req), req.settings.tokens.name
-        with req.reading() as session:
+        with snapshot(req) as session:
             batches = list(reversed(codes.list_batches(session)))
         rows = []
         for s in batches:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
+
+from sqlmodel import Session
 
 from bot.console.core import ConsoleRequest, Refused, esc
 from handlers.numbers import parse_int
@@ -19,6 +22,15 @@ from storage.ledger import MAX_ABS_AMOUNT
 _FORM_KEY = re.compile(r"[A-Za-z0-9_-]{22,64}")
 # Full-width minus and the minus sign, as a Chinese keyboard types them.
 _MINUS = str.maketrans({"－": "-", "−": "-"})
+
+
+@contextmanager
+def snapshot(req: ConsoleRequest) -> Iterator[Session]:
+    """A read-only session whose rows stay readable after it ends (the read-only session rolls
+    back, which would expire them; detached first, they keep what was loaded)."""
+    with req.reading() as session:
+        yield session
+        session.expunge_all()
 
 
 def zone(req: ConsoleRequest) -> ZoneInfo:

@@ -19,6 +19,7 @@ from bot.console.pages.pagekit import (
     optional_whole,
     page_number,
     pager,
+    snapshot,
     table,
     whole,
     zone,
@@ -104,9 +105,10 @@ def _credit(req: ConsoleRequest, kind: CreditKind) -> Done:
         raise Refused("调整 0 不会改变任何东西，请填写非零的增减。", target=openid)
     reason = req.get("reason").strip()
     if not reason:
-        raise Refused("请填写原因（记入账本，订阅者查余额时也能看到）。", target=openid)
+        raise Refused("请填写原因（记入账本，订阅者查余额时也能看到）；没有做任何更改。",
+                      target=openid)
     if len(reason) > _MAX_REASON:
-        raise Refused(f"原因太长（最多 {_MAX_REASON} 字）。", target=openid)
+        raise Refused(f"原因太长（最多 {_MAX_REASON} 字）；没有做任何更改。", target=openid)
     key = KEY_PREFIX + form_key(req)
     unit = req.settings.tokens.name
     what = "充值" if kind == "topup" else "调整"
@@ -155,7 +157,7 @@ def install(console: Console) -> None:
             return f"<p class='flash error'>{esc(refused.message)}</p>"
         page = page_number(req)
         tz, unit = zone(req), req.settings.tokens.name
-        with req.reading() as session:
+        with snapshot(req) as session:
             found = _search(session, fragment=fragment, min_balance=min_balance,
                             offset=(page - 1) * PER_PAGE, limit=PER_PAGE + 1)
             total = subscribers.count_subscribers(session)
@@ -178,7 +180,7 @@ def install(console: Console) -> None:
         openid = str(req.args["openid"])
         page = page_number(req)
         tz, unit = zone(req), req.settings.tokens.name
-        with req.reading() as session:
+        with snapshot(req) as session:
             sub = subscribers.get_subscriber(session, openid=openid)
             if sub is None:
                 return (f"<p class=empty>没有订阅者 {esc(openid)}。"
