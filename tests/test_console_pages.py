@@ -461,3 +461,15 @@ def test_the_broadcasts_page_shows_batches_and_wechat_reports(console: Console,
     page = console.get("/console/broadcasts").text
     assert "第 1 期：发送中" in page and "1 批，2 位收件人" in page
     assert "1000123" in page and "send success：2 / 2 送达" in page and "待发送" in page
+
+
+def test_a_file_with_many_problems_lists_what_fits_in_a_redirect(console: Console,
+                                                                 engine: Engine) -> None:
+    keys = "".join(f"unknown_key_{n} = {n}\n" for n in range(200))
+    done = console.post("/console/issues/import", {}, files={
+        "file": ("很多问题.md", f"+++\n{keys}+++\n正文。", "text/markdown")})
+    assert done.status_code == 303 and len(done.headers["location"]) < 24 * 1024
+    message = console.get(done.headers["location"]).text
+    assert "共 204 处问题" in message and "另有" in message and "处问题未列出" in message
+    assert "第 2 行，unknown_key_0：未知的键" in message
+    assert _rows(engine, Issue) == []
