@@ -161,7 +161,7 @@ def test_a_bad_file_lists_every_problem_in_chinese_and_writes_nothing(
     for expected in ["坏文件.md 第 3 行，价格：必须是整数，实际是 &quot;abc&quot;",
                      "第 4 行，免费比例：必须是 0 到 100 的整数，实际是 120",
                      "第 5 行，colour：未知的键", "标题：必填，但没有写",
-                     "questions：不能为空", "正文为空"]:
+                     "questions：不能为空", "正文：是空的"]:
         assert expected in message, (expected, message)
     assert "must" not in message and "required" not in message
     assert _rows(engine, Issue) == []

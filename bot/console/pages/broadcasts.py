@@ -38,7 +38,8 @@ def _section(record: Broadcast, rows: list[BroadcastBatch], req: ConsoleRequest)
     error = f"<p class='flash error'>最近的错误：{esc(record.error)}</p>" if record.error else ""
     return (f"<h2>{esc(head)}</h2>{error}"
             + table(["批", "状态", "收件人", "发出", "msg_id", "微信报告"], batch_rows,
-                    numeric=frozenset({0, 2}), empty="还没有发出任何批次。"))
+                    numeric=frozenset({0, 2}), wrap=frozenset({5}),
+                    empty="还没有发出任何批次。"))
 
 
 def install(console: Console) -> None:

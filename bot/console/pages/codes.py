@@ -1,4 +1,4 @@
-"""兑换码: batches, creating one, looking a code up, revoking a code or a batch.
+"""兑换码: batches, creating one, revoking a code or a batch.
 
 Only each code's HMAC is stored, so a batch's codes exist in readable form once, while it is
 being created. ``newsbot code create`` writes them to a new file; here the create action's
@@ -137,7 +137,8 @@ def install(console: Console) -> None:
                        'required></label><button type=submit class=secondary>作废</button>'
                        "<p class=muted>已兑换的不受影响。</p></form>")
         return (table(["批次", "创建", "内容", "码数", "已兑换", "状态", "有效至", "备注", ""],
-                      rows, numeric=frozenset({0, 3, 4}), empty="还没有兑换码。")
+                      rows, numeric=frozenset({0, 3, 4}), wrap=frozenset({7}),
+                      empty="还没有兑换码。")
                 + _create_form(req) + revoke_code)
 
     @console.action(PATH + "/create", name="code.create")

@@ -78,7 +78,7 @@ _MESSAGES = [
     (r"missing: the file must start with a \+\+\+ line", "缺少：文件必须以一行 +++ 开头"),
     (r"missing the closing \+\+\+ line.*", "缺少结束头部的 +++ 行（TOML 头部必须以一行 +++ 结束）"),
     (r"empty: the issue needs Markdown text.*",
-     "正文为空：结束头部的 +++ 行之后需要 Markdown 正文"),
+     "是空的：结束头部的 +++ 行之后需要 Markdown 正文"),
     (r"has no text \(only images, rules or markup\).*",
      "正文没有文字（只有图片、分隔线或标记），读者什么也看不到"),
     (r".* is given twice", "同一个文件上传了两次"),
@@ -241,6 +241,7 @@ def install(console: Console) -> None:
         unit = req.settings.tokens.name
         listing = table(["期号", "标题", "价格", "免费", "状态", "字数"],
                         (_row(i, req.now, tz, unit) for i in items), numeric=frozenset({5}),
+                        wrap=frozenset({1}),
                         empty="还没有期刊：在下面上传第一期的文件。")
         upload = (
             "<h2>导入期刊文件</h2>"

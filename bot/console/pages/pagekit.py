@@ -78,17 +78,23 @@ def optional_whole(raw: str, label: str, *, minimum: int | None = None,
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[str]], *,
-          numeric: frozenset[int] = frozenset(), empty: str = "没有记录。") -> str:
-    """A table in .table-wrap (scrolls sideways on a phone). Cells are HTML already."""
+          numeric: frozenset[int] = frozenset(), wrap: frozenset[int] = frozenset(),
+          empty: str = "没有记录。") -> str:
+    """A table in .table-wrap, which scrolls sideways on a phone: cells stay on one line
+    (Chinese text would otherwise break after every character in a narrow column) except
+    the ``wrap`` columns. Cells are HTML already."""
+    def cls(i: int) -> str:
+        names = [n for n, on in (("num", i in numeric), ("wrap", i in wrap)) if on]
+        return f' class="{" ".join(names)}"' if names else ""
+
     body = "".join(
-        "<tr>" + "".join(f"<td{' class=num' if i in numeric else ''}>{cell}</td>"
-                         for i, cell in enumerate(row)) + "</tr>"
+        "<tr>" + "".join(f"<td{cls(i)}>{cell}</td>" for i, cell in enumerate(row)) + "</tr>"
         for row in rows)
     if not body:
         return f"<p class=empty>{esc(empty)}</p>"
     head = "".join(f"<th{' class=num' if i in numeric else ''}>{esc(h)}</th>"
                    for i, h in enumerate(headers))
-    return (f"<div class=table-wrap><table><thead><tr>{head}</tr></thead>"
+    return (f"<div class=table-wrap><table class=lines><thead><tr>{head}</tr></thead>"
             f"<tbody>{body}</tbody></table></div>")
 
 

@@ -8,6 +8,8 @@ retry of one form credits once; a new form (the page after the redirect) has a n
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from sqlmodel import Session, col, func, select
 
 from bot.console.core import Console, ConsoleRequest, Done, Refused, esc
@@ -72,8 +74,12 @@ def _count_entries(session: Session, *, openid: str) -> int:
                             .where(LedgerEntry.openid == openid)).one())
 
 
+def _page(openid: str) -> str:
+    return f"/console{PATH}/{quote(openid, safe='')}"
+
+
 def _link(openid: str) -> str:
-    return f'<a href="/console{PATH}/{esc(openid)}">{esc(openid)}</a>'
+    return f'<a href="{esc(_page(openid))}">{esc(openid)}</a>'
 
 
 def _credit_form(req: ConsoleRequest, openid: str, kind: CreditKind) -> str:
@@ -86,7 +92,7 @@ def _credit_form(req: ConsoleRequest, openid: str, kind: CreditKind) -> str:
         note = "余额不会低于零。"
     return (f"<h2>{head}</h2>" + req.form_tag(f"/console{PATH}/{kind}", extra='class="stack"')
             + hidden("openid", openid) + hidden("key", new_form_key())
-            + hidden("next", f"/console{PATH}/{openid}")
+            + hidden("next", _page(openid))
             + f'<label>{esc(label)}<input type="text" name="amount" inputmode="numeric" '
             'autocomplete="off" required></label>'
             '<label>原因（必填，记入账本）'
@@ -213,8 +219,9 @@ def install(console: Console) -> None:
                 f"{_credit_form(req, openid, 'adjust')}</div>"
                 f"<h2>账本（共 {count:,} 条，新的在前）</h2>"
                 + table(["#", "时间", "数量", "类型", "余额", "原因", "操作者"], ledger_rows,
-                        numeric=frozenset({0, 2, 4}), empty="还没有账本记录。")
-                + pager(f"/console{PATH}/{openid}", {}, page, has_next=len(entries) > PER_PAGE)
+                        numeric=frozenset({0, 2, 4}), wrap=frozenset({5}),
+                        empty="还没有账本记录。")
+                + pager(_page(openid), {}, page, has_next=len(entries) > PER_PAGE)
                 + "<h2>会员卡</h2>"
                 + table(["会员卡", "天数", "开始", "结束", "来源"], period_rows,
                         empty="没有会员卡。")
