@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -473,3 +474,29 @@ def test_a_file_with_many_problems_lists_what_fits_in_a_redirect(console: Consol
     assert "共 204 处问题" in message and "另有" in message and "处问题未列出" in message
     assert "第 2 行，unknown_key_0：未知的键" in message
     assert _rows(engine, Issue) == []
+
+
+def test_two_submits_of_one_form_at_once_credit_once(console: Console, engine: Engine,
+                                                     reader: str) -> None:
+    key = _form_keys(console, reader)[0]
+    form = {"csrf": console.csrf, "openid": reader, "amount": "7", "reason": "同时提交",
+            "key": key}
+    transport = console.client._transport
+    start = threading.Barrier(2)
+    statuses: list[int] = []
+
+    def submit() -> None:
+        with httpx.Client(transport=transport, base_url="http://testserver",
+                          cookies=console.client.cookies) as tab:
+            start.wait()
+            statuses.append(tab.post("/console/subscribers/topup", data=form).status_code)
+
+    threads = [threading.Thread(target=submit) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert statuses == [303, 303]
+    assert [(e.amount, e.idempotency_key) for e in _entries(engine)] == [(7, f"console:{key}")]
+    with transaction(engine) as s:
+        assert ledger.get_balance(s, openid=reader) == 7
