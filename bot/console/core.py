@@ -303,6 +303,10 @@ class Console:
         req = ConsoleRequest(operator=found.openid, csrf=found.csrf, console=self, now=now)
         if posting:
             refusal = self._check_post(req)
+            if refusal == "body too large":
+                self._audit(req, f"upload:{bottle.request.path}"[:40], "refused", "", refusal)
+                return self._notice(413, "内容过大", f"一次最多上传 {MAX_UPLOAD_BYTES // 2**20} MB"
+                                    "。请分几次上传，或用 newsbot issue import 导入。")
             if refusal is not None:
                 self._audit(req, f"csrf:{bottle.request.path}"[:40], "refused", "", refusal)
                 return self._notice(403, "操作被拒绝", "表单已失效（可能是页面放置太久或来自"
