@@ -6,6 +6,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from bot.console.pages import audit, home, inbox
+from bot.console.pages import audit, broadcasts, codes, home, inbox, issues, subscribers
 
-MODULES: tuple[ModuleType, ...] = (home, audit, inbox)
+MODULES: tuple[ModuleType, ...] = (home, audit, issues, subscribers, codes, broadcasts, inbox)
