@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import re
 from urllib.parse import urlsplit
+from xml.etree import ElementTree
 
 import httpx
+import pytest
 
+from bot.console import charts
 from tests.conftest import WeChatUser
 
 _LINK = re.compile(r"http://testserver(/console/open\?\S+)")
@@ -60,3 +63,81 @@ def test_without_a_console_the_command_says_so() -> None:
     msg = Incoming(openid=OPERATOR, msg_type="text", raw_text="#console")
     reply = admin.console(ctx, msg, None)
     assert isinstance(reply, Text) and "不可用" in reply.content
+
+
+# --- charts (bot.console.charts) -----------------------------------------------------------
+
+SVG = "{http://www.w3.org/2000/svg}"
+TWO = (charts.Series("关注", charts.GREEN), charts.Series("取消关注", charts.GREY))
+
+
+def _svg(figure: str) -> ElementTree.Element:
+    start, end = figure.index("<svg"), figure.index("</svg>") + len("</svg>")
+    return ElementTree.fromstring(figure[start:end])
+
+
+def _bars(root: ElementTree.Element) -> list[tuple[float, str]]:
+    """(width, title) of each bar."""
+    return [(float(r.get("width", "0")), r.findtext(f"{SVG}title") or "")
+            for r in root.iter(f"{SVG}rect") if r.find(f"{SVG}title") is not None]
+
+
+def test_a_chart_is_svg_with_a_title_a_description_and_proportional_bars() -> None:
+    rows = [charts.Row("2026-W47", (40, 10)), charts.Row("2026-W48", (20, 0))]
+    figure = charts.bar_chart(chart_id="follows", title="每周关注", desc="关注与取消关注",
+                              series=TWO, rows=rows)
+    root = _svg(figure)
+    assert root.get("role") == "img" and root.get("aria-labelledby") == "follows-t follows-d"
+    assert root.findtext(f"{SVG}title") == "每周关注"
+    assert root.findtext(f"{SVG}desc") == "关注与取消关注"
+    bars = _bars(root)
+    assert [t for _, t in bars] == ["2026-W47 · 关注：40", "2026-W47 · 取消关注：10",
+                                    "2026-W48 · 关注：20", "2026-W48 · 取消关注：0"]
+    widths = [w for w, _ in bars]
+    assert widths[0] > 0 and widths[3] == 0
+    assert widths[1] == pytest.approx(widths[0] / 4, abs=0.1)
+    assert widths[2] == pytest.approx(widths[0] / 2, abs=0.1)
+    texts = [t.text for t in root.iter(f"{SVG}text")]
+    assert {"2026-W47", "40", "10", "20", "0", "关注", "取消关注"} <= set(texts)
+    assert "<script" not in figure and "href" not in figure
+    assert "http" not in figure.replace('xmlns="http://www.w3.org/2000/svg"', "")
+
+
+def test_numbers_are_grouped_and_the_unit_is_in_each_bar_title() -> None:
+    figure = charts.bar_chart(chart_id="r", title="每周收入", desc="d",
+                              series=[charts.Series("收入", charts.GREEN)],
+                              rows=[charts.Row("W1", (1234567,))], unit="豆")
+    root = _svg(figure)
+    assert "1,234,567" in [t.text for t in root.iter(f"{SVG}text")]
+    assert _bars(root)[0][1] == "W1 · 收入：1,234,567 豆"
+    assert root.find(f"{SVG}g[@class='legend']") is None  # one series: no legend
+
+
+def test_labels_and_titles_are_escaped() -> None:
+    hostile = '<script>alert("x")</script> & ]]>'
+    figure = charts.bar_chart(chart_id="x", title=hostile, desc=hostile,
+                              series=[charts.Series(hostile, charts.BLUE)],
+                              rows=[charts.Row(hostile, (3,))])
+    assert "<script>" not in figure
+    root = _svg(figure)  # still well-formed XML
+    assert root.findtext(f"{SVG}title") == hostile
+    assert _bars(root)[0][1] == f"{hostile} · {hostile}：3"
+
+
+def test_long_labels_are_cut_to_fit_but_kept_whole_in_the_title() -> None:
+    long = "一个非常非常非常非常长的期刊标题用来测试"
+    root = _svg(charts.bar_chart(chart_id="l", title="t", desc="d",
+                                 series=[charts.Series("s", charts.BLUE)],
+                                 rows=[charts.Row(long, (5,))]))
+    label = next(t.text or "" for t in root.iter(f"{SVG}text") if t.get("class") == "label")
+    assert label.endswith("…") and charts.text_width(label) <= charts.WIDTH * 0.35
+    assert _bars(root)[0][1].startswith(long)
+
+
+@pytest.mark.parametrize("rows", [[], [charts.Row("W1", (0, 0))]])
+def test_no_data_says_so_politely(rows: list[charts.Row]) -> None:
+    figure = charts.bar_chart(chart_id="e", title="每周关注", desc="d", series=TWO, rows=rows)
+    root = _svg(figure)
+    assert charts.EMPTY in [t.text for t in root.iter(f"{SVG}text")]
+    assert _bars(root) == []
+    assert charts.EMPTY in (root.findtext(f"{SVG}desc") or "")
