@@ -29,13 +29,14 @@ from bot.cli import (
     refunds,
     revenue,
     run,
+    stats,
     wechat,
 )
 from bot.cli.base import app
 from bot.logs import setup_logging
 
 __all__ = ["app", "codes", "console", "content", "db", "main", "money", "passes", "pay",
-           "refunds", "revenue", "run", "wechat"]
+           "refunds", "revenue", "run", "stats", "wechat"]
 
 
 def main() -> None:
