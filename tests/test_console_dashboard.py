@@ -5,14 +5,20 @@ by the server (bot.console.charts). Everything through the real WSGI app."""
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 from xml.etree import ElementTree
 
 import httpx
 import pytest
+from sqlalchemy import Engine
 
 from bot.console import charts
-from tests.conftest import WeChatUser
+from bot.settings import Settings
+from storage import events, ledger, subscribers
+from storage.db import transaction
+from tests.conftest import OPERATOR, WeChatUser
+from tests.console_support import login
 
 _LINK = re.compile(r"http://testserver(/console/open\?\S+)")
 
@@ -64,6 +70,75 @@ def test_without_a_console_the_command_says_so() -> None:
     reply = admin.console(ctx, msg, None)
     assert isinstance(reply, Text) and "不可用" in reply.content
 
+
+
+def _seed(engine: Engine, sample: int) -> None:
+    """Three readers see issue ``sample``'s card, two open the excerpt, one pays 5 to unlock;
+    one of the three unfollows. Plus a reader of an old issue outside the 12 weeks."""
+    now = datetime.now(UTC)
+    with transaction(engine) as s:
+        for i in range(3):
+            openid = f"o_dash_{i:04d}"
+            subscribers.ensure_subscriber(s, openid=openid, at=now)
+            events.record(s, events.CARD, openid=openid, issue_number=sample, at=now)
+            events.record(s, events.CARD, openid=openid, issue_number=sample, at=now)  # again
+        for i in range(2):
+            events.record(s, events.EXCERPT, openid=f"o_dash_{i:04d}", issue_number=sample,
+                          at=now)
+        events.record(s, events.UNLOCK, openid="o_dash_0000", issue_number=sample,
+                      detail="tokens", amount=5, at=now)
+        events.record(s, events.UNFOLLOW, openid="o_dash_0002", at=now)
+        events.record(s, events.CARD, openid="o_old", issue_number=sample,
+                      at=now - timedelta(weeks=20))
+        ledger.credit(s, openid="o_dash_0001", amount=42, kind="topup", key="t:dash",
+                      reason="test", operator=OPERATOR, max_topup=1000)
+
+
+def test_the_dashboard_shows_the_numbers_and_charts(
+        operator: WeChatUser, app_client: httpx.Client, settings: Settings, engine: Engine,
+        sample: int) -> None:
+    operator.event("subscribe")
+    _seed(engine, sample)
+    login(app_client, settings, OPERATOR)
+    page = app_client.get("/console/")
+    assert page.status_code == 200
+    html = page.text
+    cards = {label: n for n, label in re.findall(
+        r'<span class="n">([^<]+)</span><span class="l">([^<]+)</span>', html)}
+    assert cards == {"关注者": "4", "订阅者（含已取关）": "4", "未消费的豆": "42",
+                     "近 12 周收入（豆）": "5"}  # 3 readers + the operator
+    figures = {m: _svg(html[html.index(f'<figure class="chart" id="{m}"'):])
+               for m in ("funnel", "revenue", "follows")}
+    funnel = [t for _, t in _bars(figures["funnel"])]
+    assert [t.split(" · ")[1] for t in funnel[:3]] == ["看到卡片：3", "打开试读：2", "解锁：1"]
+    assert any(t.endswith("收入：5 豆") for _, t in _bars(figures["revenue"]))
+    follows = [t for _, t in _bars(figures["follows"])]
+    assert any(t.endswith("关注：1") for t in follows)  # the operator's own follow
+    assert any(t.endswith("取消关注：1") for t in follows)
+    assert len(_bars(figures["revenue"])) == 12  # one bar a week, empty weeks too
+    row = re.search(rf"<tr><td>第{sample}期[^<]*</td>(.*?)</tr>", html)
+    assert row, html
+    assert re.findall(r'<td class="num">([^<]+)</td>', row.group(1)) == [
+        "3", "2", "1", "0", "5", "33.3%"]
+
+    four = app_client.get("/console/?weeks=4")
+    assert four.status_code == 200 and "近 4 周" in four.text
+    assert len(_bars(_svg(four.text[four.text.index('id="revenue"'):]))) == 4
+    assert app_client.get("/console/?weeks=zzz").status_code == 200  # the default, no error
+    year = app_client.get("/console/?weeks=52").text
+    year_row = re.search(rf"<tr><td>第{sample}期[^<]*</td>(.*?)</tr>", year)
+    assert year_row and re.findall(r'<td class="num">([^<]+)</td>', year_row.group(1))[0] == "4"
+
+
+def test_an_empty_dashboard_is_polite(app_client: httpx.Client, settings: Settings) -> None:
+    login(app_client, settings, OPERATOR)
+    html = app_client.get("/console/").text
+    assert html.count(charts.EMPTY) >= 3 and "Traceback" not in html
+
+
+def test_the_dashboard_needs_a_session(app_client: httpx.Client) -> None:
+    refused = app_client.get("/console/")
+    assert refused.status_code == 403 and "<svg" not in refused.text
 
 # --- charts (bot.console.charts) -----------------------------------------------------------
 

@@ -73,7 +73,7 @@ def bar_chart(*, chart_id: str, title: str, desc: str, series: Sequence[Series],
     if legend_h:
         parts.append(_legend(series))
     if top <= 0:
-        height = legend_h + 3 * FONT + 2 * PAD
+        height: float = legend_h + 3 * FONT + 2 * PAD
         parts.append(f"<text{_attrs(x=WIDTH / 2, y=legend_h + 2 * FONT + PAD, font_size=FONT)}"
                      f' text-anchor="middle" class="empty">{EMPTY}</text>')
         desc = f"{desc}（{EMPTY}）"

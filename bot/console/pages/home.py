@@ -1,14 +1,120 @@
-"""The dashboard (the console's first page)."""
+"""The dashboard (the console's first page): followers, subscribers and tokens outstanding now;
+the funnel per issue, revenue and follows per week over the last weeks (``?weeks=N``, default
+12), as server-drawn charts (bot.console.charts) and a table per issue. Every number comes from
+one ``storage.stats.compute`` (SQL aggregates over ``event``)."""
 
 from __future__ import annotations
 
+from datetime import datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+from bot.console import charts
+from bot.console.charts import Row, Series
 from bot.console.core import Console, ConsoleRequest, esc
-from storage import subscribers
+from storage import stats
+from storage.stats import IssueStats, Stats, WeekStats
+
+DEFAULT_WEEKS = 12
+MAX_WEEKS = 104
+CHART_ISSUES = 8  # the funnel chart shows the latest issues; the table shows up to
+TABLE_ISSUES = 30
+FUNNEL = (Series("看到卡片", charts.GREY), Series("打开试读", charts.BLUE),
+          Series("解锁", charts.GREEN))
+FOLLOWS = (Series("关注", charts.GREEN), Series("取消关注", charts.RED))
+
+
+def weeks_asked(raw: str) -> int:
+    """``?weeks=N`` within 1…MAX_WEEKS; anything else is the default, not an error page."""
+    return int(raw) if raw.isascii() and raw.isdigit() and 1 <= int(raw) <= MAX_WEEKS \
+        else DEFAULT_WEEKS
+
+
+def window_start(now: datetime, zone: ZoneInfo, weeks: int) -> datetime:
+    """Monday 00:00 (in ``zone``) of the week ``weeks - 1`` before this one."""
+    today = now.astimezone(zone).date()
+    monday = today - timedelta(days=today.weekday(), weeks=weeks - 1)
+    return datetime.combine(monday, time(0), zone)
 
 
 def install(console: Console) -> None:
     @console.page("/", title="概览", nav="概览", order=10)
     def dashboard(req: ConsoleRequest) -> str:
+        zone = ZoneInfo(req.settings.broadcast.timezone)
+        weeks = weeks_asked(req.get("weeks"))
+        since = window_start(req.now, zone, weeks)
         with req.reading() as session:
-            followers = subscribers.count_subscribers(session, active_only=True)
-        return f"<p>关注者 <strong>{esc(followers)}</strong></p>"
+            figures = stats.compute(session, since=since, timezone=zone.key, now=req.now)
+        return render(figures, unit=req.config.unit, weeks=weeks,
+                      since=since.strftime("%Y-%m-%d"))
+
+
+def render(figures: Stats, *, unit: str, weeks: int, since: str) -> str:
+    revenue = sum(w.revenue_tokens for w in figures.weeks)
+    cards = [("关注者", figures.followers), ("订阅者（含已取关）", figures.subscribers),
+             (f"未消费的{unit}", figures.tokens_outstanding),
+             (f"近 {weeks} 周收入（{unit}）", revenue)]
+    html = ['<section class="cards" aria-label="总数">',
+            *(f'<div class="card"><span class="n">{charts.number(n)}</span>'
+              f'<span class="l">{esc(label)}</span></div>' for label, n in cards),
+            "</section>",
+            f'<p class="muted">统计自 {esc(since)} 起（近 {weeks} 周，{esc(figures.timezone)}）；'
+            "看到、打开、解锁按人数计。"
+            f'<a href="?weeks=4">4 周</a> · <a href="?weeks=12">12 周</a> · '
+            '<a href="?weeks=52">52 周</a></p>',
+            '<div class="grid two dashboard">',
+            _funnel_chart(figures.issues[:CHART_ISSUES]),
+            _revenue_chart(figures.weeks, unit),
+            _follows_chart(figures.weeks),
+            "</div>",
+            "<h2>各期转化</h2>", _issue_table(figures.issues[:TABLE_ISSUES], unit)]
+    return "".join(html)
+
+
+def _issue_label(issue: IssueStats) -> str:
+    return f"第{issue.number}期 {issue.title}".strip()
+
+
+def _week_label(week: WeekStats) -> str:
+    return f"{week.week[-3:]} {week.monday:%m-%d}"
+
+
+def _funnel_chart(issues: list[IssueStats]) -> str:
+    return charts.bar_chart(
+        chart_id="funnel", title="各期：看到卡片 → 打开试读 → 解锁",
+        desc=f"最近 {len(issues)} 期，每期三条：看到卡片、打开试读、解锁的人数。",
+        series=FUNNEL,
+        rows=[Row(_issue_label(i), (i.card_views, i.excerpt_opens, i.unlocks)) for i in issues])
+
+
+def _revenue_chart(weeks: list[WeekStats], unit: str) -> str:
+    return charts.bar_chart(
+        chart_id="revenue", title=f"每周收入（{unit}）",
+        desc=f"每周解锁与会员卡花费的{unit}（已扣除退款），共 {len(weeks)} 周。",
+        series=[Series("收入", charts.GREEN)], unit=unit,
+        rows=[Row(_week_label(w), (w.revenue_tokens,)) for w in weeks])
+
+
+def _follows_chart(weeks: list[WeekStats]) -> str:
+    return charts.bar_chart(
+        chart_id="follows", title="每周关注与取消关注",
+        desc=f"每周新关注与取消关注的人数，共 {len(weeks)} 周。", series=FOLLOWS,
+        rows=[Row(_week_label(w), (w.follows, w.unfollows)) for w in weeks])
+
+
+def _percent(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1%}"
+
+
+def _issue_table(issues: list[IssueStats], unit: str) -> str:
+    if not issues:
+        return f'<p class="empty">{charts.EMPTY}</p>'
+    head = "".join(f'<th class="num">{esc(h)}</th>' for h in (
+        "看到卡片", "打开试读", "解锁", "读全文", f"收入（{unit}）", "卡片→解锁"))
+    rows = "".join(
+        f"<tr><td>{esc(_issue_label(i))}</td>"
+        + "".join(f'<td class="num">{charts.number(n)}</td>' for n in (
+            i.card_views, i.excerpt_opens, i.unlocks, i.full_reads, i.revenue_tokens))
+        + f'<td class="num">{_percent(i.conversion)}</td></tr>'
+        for i in issues)
+    return (f'<div class="table-wrap"><table><thead><tr><th>期</th>{head}</tr></thead>'
+            f"<tbody>{rows}</tbody></table></div>")
