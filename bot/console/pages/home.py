@@ -116,5 +116,5 @@ def _issue_table(issues: list[IssueStats], unit: str) -> str:
             i.card_views, i.excerpt_opens, i.unlocks, i.full_reads, i.revenue_tokens))
         + f'<td class="num">{_percent(i.conversion)}</td></tr>'
         for i in issues)
-    return (f'<div class="table-wrap"><table><thead><tr><th>期</th>{head}</tr></thead>'
-            f"<tbody>{rows}</tbody></table></div>")
+    return ('<div class="table-wrap"><table class="issues"><thead><tr><th>期</th>'
+            f"{head}</tr></thead><tbody>{rows}</tbody></table></div>")
