@@ -5,6 +5,7 @@ by the server (bot.console.charts). Everything through the real WSGI app."""
 from __future__ import annotations
 
 import re
+import time
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 from xml.etree import ElementTree
@@ -216,3 +217,53 @@ def test_no_data_says_so_politely(rows: list[charts.Row]) -> None:
     assert charts.EMPTY in [t.text for t in root.iter(f"{SVG}text")]
     assert _bars(root) == []
     assert charts.EMPTY in (root.findtext(f"{SVG}desc") or "")
+
+
+def test_the_period_starts_on_a_monday_in_the_broadcast_timezone() -> None:
+    from zoneinfo import ZoneInfo
+
+    from bot.console.pages.home import weeks_asked, window_start
+
+    zone = ZoneInfo("Asia/Shanghai")
+    # Sunday 2026-11-29 17:00 UTC is Monday 2026-11-30 01:00 in Shanghai.
+    start = window_start(datetime(2026, 11, 29, 17, 0, tzinfo=UTC), zone, 1)
+    assert start == datetime(2026, 11, 30, 0, 0, tzinfo=zone)
+    assert window_start(datetime(2026, 11, 29, 17, 0, tzinfo=UTC), zone, 12) == \
+        datetime(2026, 9, 14, 0, 0, tzinfo=zone)
+    assert [weeks_asked(x) for x in ("4", "104", "105", "0", "-1", "١٢", "", "x")] == \
+        [4, 104, 12, 12, 12, 12, 12, 12]
+
+
+def test_slow_figures_are_kept_and_refreshed_in_the_background(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from bot.console.pages import home
+    from storage.stats import Stats
+
+    calls: list[int] = []
+
+    def compute(since: datetime, zone: str, now: datetime) -> Stats:
+        calls.append(1)
+        time.sleep(delay)
+        return Stats(issues=[], weeks=[], scenes=[], tokens_outstanding=len(calls),
+                     subscribers=0, followers=0)
+
+    now = datetime.now(UTC)
+    delay = 0.0  # fast: computed afresh every time
+    figures = home.Figures(compute)
+    assert [figures.get(now, "UTC", now)[0].tokens_outstanding for _ in range(3)] == [1, 2, 3]
+
+    delay = home.SLOW_S + 0.02  # slow: the kept figures, refreshed behind the page
+    figures = home.Figures(compute)
+    first, at = figures.get(now, "UTC", now)
+    assert first.tokens_outstanding == 4 and at is None
+    again, at = figures.get(now, "UTC", now)
+    assert again is first and at == now and len(calls) == 4  # not yet due for a refresh
+    monkeypatch.setattr(home, "REFRESH_S", 0.0)
+    stale, _ = figures.get(now, "UTC", now)
+    assert stale is first
+    figures.wait()
+    assert figures.get(now, "UTC", now)[0].tokens_outstanding == 5
+    monkeypatch.setattr(home, "STALE_S", 0.0)  # too old to show: computed while waiting
+    fresh, at = figures.get(now, "UTC", now)
+    figures.wait()
+    assert at is None and fresh.tokens_outstanding in (6, 7)

@@ -1,10 +1,21 @@
 """The dashboard (the console's first page): followers, subscribers and tokens outstanding now;
 the funnel per issue, revenue and follows per week over the last weeks (``?weeks=N``, default
 12), as server-drawn charts (bot.console.charts) and a table per issue. Every number comes from
-one ``storage.stats.compute`` (SQL aggregates over ``event``)."""
+one ``storage.stats.compute`` (SQL aggregates over ``event``).
+
+Those aggregates read every event of the period: on a small account a few milliseconds, with a
+million events seconds. So when computing them took longer than ``SLOW_S`` the figures are kept
+(per period, in this process) and the page shows them at once with their time, while a
+background thread computes new ones at most every ``REFRESH_S``: a busy account's dashboard
+opens in milliseconds, a minute old at worst; a small one's is always computed afresh."""
 
 from __future__ import annotations
 
+import logging
+import threading
+import time as clock
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
@@ -12,7 +23,10 @@ from bot.console import charts
 from bot.console.charts import Row, Series
 from bot.console.core import Console, ConsoleRequest, esc
 from storage import stats
+from storage.db import read_only
 from storage.stats import IssueStats, Stats, WeekStats
+
+log = logging.getLogger("newsbot.console")
 
 DEFAULT_WEEKS = 12
 MAX_WEEKS = 104
@@ -21,6 +35,10 @@ TABLE_ISSUES = 30
 FUNNEL = (Series("看到卡片", charts.GREY), Series("打开试读", charts.BLUE),
           Series("解锁", charts.GREEN))
 FOLLOWS = (Series("关注", charts.GREEN), Series("取消关注", charts.RED))
+SLOW_S = 0.1  # computing took longer: keep the figures and refresh them in the background
+REFRESH_S = 60.0
+STALE_S = 900.0  # older kept figures (the console left unused) are computed while waiting
+MAX_KEPT = 8  # periods kept (each a few KB)
 
 
 def weeks_asked(raw: str) -> int:
@@ -36,16 +54,83 @@ def window_start(now: datetime, zone: ZoneInfo, weeks: int) -> datetime:
     return datetime.combine(monday, time(0), zone)
 
 
+@dataclass(frozen=True)
+class _Kept:
+    figures: Stats
+    at: datetime  # when they were computed
+    monotonic: float
+    cost_s: float
+
+
+class Figures:
+    """``storage.stats.compute`` for the dashboard, kept while computing it is slow."""
+
+    def __init__(self, compute: Callable[[datetime, str, datetime], Stats]) -> None:
+        self._compute = compute
+        self._kept: dict[tuple[datetime, str], _Kept] = {}
+        self._refreshing: set[tuple[datetime, str]] = set()
+        self._lock = threading.Lock()
+
+    def get(self, since: datetime, zone: str, now: datetime) -> tuple[Stats, datetime | None]:
+        """The figures, and when they were computed if they are not fresh."""
+        key = (since, zone)
+        kept = self._kept.get(key)
+        age = clock.monotonic() - kept.monotonic if kept is not None else 0.0
+        if kept is None or kept.cost_s < SLOW_S or age >= STALE_S:
+            return self._run(key, now).figures, None
+        if age >= REFRESH_S:
+            with self._lock:
+                start = key not in self._refreshing
+                self._refreshing.add(key)
+            if start:
+                threading.Thread(target=self._refresh, args=(key, now), daemon=True,
+                                 name="console-stats").start()
+        return kept.figures, kept.at
+
+    def _run(self, key: tuple[datetime, str], now: datetime) -> _Kept:
+        began = clock.monotonic()
+        figures = self._compute(key[0], key[1], now)
+        kept = _Kept(figures, now, clock.monotonic(), clock.monotonic() - began)
+        with self._lock:
+            self._kept[key] = kept
+            for old in sorted(self._kept, key=lambda k: self._kept[k].monotonic)[:-MAX_KEPT]:
+                del self._kept[old]
+        return kept
+
+    def wait(self) -> None:
+        """Until no refresh runs (tests, benchmarks)."""
+        for thread in threading.enumerate():
+            if thread.name == "console-stats":
+                thread.join()
+
+    def _refresh(self, key: tuple[datetime, str], now: datetime) -> None:
+        try:
+            self._run(key, now)
+        except Exception:
+            log.exception("console: refreshing the dashboard's figures failed")
+        finally:
+            with self._lock:
+                self._refreshing.discard(key)
+
+
 def install(console: Console) -> None:
+    def compute(since: datetime, zone: str, now: datetime) -> Stats:
+        with read_only(console.engine) as session:
+            return stats.compute(session, since=since, timezone=zone, now=now)
+
+    figures = Figures(compute)
+
     @console.page("/", title="概览", nav="概览", order=10)
     def dashboard(req: ConsoleRequest) -> str:
         zone = ZoneInfo(req.settings.broadcast.timezone)
         weeks = weeks_asked(req.get("weeks"))
         since = window_start(req.now, zone, weeks)
-        with req.reading() as session:
-            figures = stats.compute(session, since=since, timezone=zone.key, now=req.now)
-        return render(figures, unit=req.config.unit, weeks=weeks,
-                      since=since.strftime("%Y-%m-%d"))
+        found, computed_at = figures.get(since, zone.key, req.now)
+        html = render(found, unit=req.config.unit, weeks=weeks, since=since.strftime("%Y-%m-%d"))
+        if computed_at is not None:
+            html = (f'<p class="muted">数据截至 {computed_at.astimezone(zone):%H:%M:%S}'
+                    f"（每 {REFRESH_S:.0f} 秒更新一次，刷新页面查看）</p>") + html
+        return html
 
 
 def render(figures: Stats, *, unit: str, weeks: int, since: str) -> str:
