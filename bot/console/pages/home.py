@@ -11,6 +11,7 @@ opens in milliseconds, a minute old at worst; a small one's is always computed a
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 import time as clock
@@ -19,9 +20,11 @@ from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
+from sqlmodel import Session
+
 from bot.console import charts
 from bot.console.charts import Row, Series
-from bot.console.core import Console, ConsoleRequest, esc
+from bot.console.core import PREFIX, Console, ConsoleRequest, esc
 from storage import stats
 from storage.db import read_only
 from storage.stats import IssueStats, Stats, WeekStats
@@ -126,22 +129,41 @@ def install(console: Console) -> None:
         weeks = weeks_asked(req.get("weeks"))
         since = window_start(req.now, zone, weeks)
         found, computed_at = figures.get(since, zone.key, req.now)
-        html = render(found, unit=req.config.unit, weeks=weeks, since=since.strftime("%Y-%m-%d"))
+        with req.reading() as session:  # always fresh: one indexed count
+            unread = unread_count(session)
+        html = render(found, unit=req.config.unit, weeks=weeks, since=since.strftime("%Y-%m-%d"),
+                      unread=unread)
         if computed_at is not None:
             html = (f'<p class="muted">数据截至 {computed_at.astimezone(zone):%H:%M:%S}'
                     f"（每 {REFRESH_S:.0f} 秒更新一次，刷新页面查看）</p>") + html
         return html
 
 
-def render(figures: Stats, *, unit: str, weeks: int, since: str) -> str:
+def unread_count(session: Session) -> int | None:
+    """Unread inbox messages, once storage.mailbox (the inbox) is installed; None before."""
+    try:
+        mailbox = importlib.import_module("storage.mailbox")
+    except ImportError:
+        return None
+    return int(mailbox.unread_count(session))
+
+
+def _card(label: str, n: int, href: str | None = None) -> str:
+    inner = f'<span class="n">{charts.number(n)}</span><span class="l">{esc(label)}</span>'
+    if href is not None:
+        return f'<a class="card" href="{esc(href)}">{inner}</a>'
+    return f'<div class="card">{inner}</div>'
+
+
+def render(figures: Stats, *, unit: str, weeks: int, since: str,
+           unread: int | None = None) -> str:
     revenue = sum(w.revenue_tokens for w in figures.weeks)
-    cards = [("关注者", figures.followers), ("订阅者（含已取关）", figures.subscribers),
-             (f"未消费的{unit}", figures.tokens_outstanding),
-             (f"近 {weeks} 周收入（{unit}）", revenue)]
-    html = ['<section class="cards" aria-label="总数">',
-            *(f'<div class="card"><span class="n">{charts.number(n)}</span>'
-              f'<span class="l">{esc(label)}</span></div>' for label, n in cards),
-            "</section>",
+    cards = [_card("关注者", figures.followers), _card("订阅者（含已取关）", figures.subscribers),
+             _card(f"未消费的{unit}", figures.tokens_outstanding),
+             _card(f"近 {weeks} 周收入（{unit}）", revenue)]
+    if unread is not None:
+        cards.append(_card("未读留言", unread, f"{PREFIX}/inbox"))
+    html = ['<section class="cards" aria-label="总数">', *cards, "</section>",
             f'<p class="muted">统计自 {esc(since)} 起（近 {weeks} 周，{esc(figures.timezone)}）；'
             "看到、打开、解锁按人数计。"
             f'<a href="?weeks=4">4 周</a> · <a href="?weeks=12">12 周</a> · '
