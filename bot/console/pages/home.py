@@ -7,7 +7,8 @@ Those aggregates read every event of the period: on a small account a few millis
 million events seconds. So when computing them took longer than ``SLOW_S`` the figures are kept
 (per period, in this process) and the page shows them at once with their time, while a
 background thread computes new ones at most every ``REFRESH_S``: a busy account's dashboard
-opens in milliseconds, a minute old at worst; a small one's is always computed afresh."""
+opens in milliseconds (after its first view since the server started), with figures as old as
+the last view but one; a small one's is always computed afresh."""
 
 from __future__ import annotations
 
@@ -40,7 +41,6 @@ FUNNEL = (Series("看到卡片", charts.GREY), Series("打开试读", charts.BLU
 FOLLOWS = (Series("关注", charts.GREEN), Series("取消关注", charts.RED))
 SLOW_S = 0.1  # computing took longer: keep the figures and refresh them in the background
 REFRESH_S = 60.0
-STALE_S = 900.0  # older kept figures (the console left unused) are computed while waiting
 MAX_KEPT = 8  # periods kept (each a few KB)
 
 
@@ -78,10 +78,9 @@ class Figures:
         """The figures, and when they were computed if they are not fresh."""
         key = (since, zone)
         kept = self._kept.get(key)
-        age = clock.monotonic() - kept.monotonic if kept is not None else 0.0
-        if kept is None or kept.cost_s < SLOW_S or age >= STALE_S:
+        if kept is None or kept.cost_s < SLOW_S:
             return self._run(key, now).figures, None
-        if age >= REFRESH_S:
+        if clock.monotonic() - kept.monotonic >= REFRESH_S:
             with self._lock:
                 start = key not in self._refreshing
                 self._refreshing.add(key)
@@ -134,8 +133,8 @@ def install(console: Console) -> None:
         html = render(found, unit=req.config.unit, weeks=weeks, since=since.strftime("%Y-%m-%d"),
                       unread=unread)
         if computed_at is not None:
-            html = (f'<p class="muted">数据截至 {computed_at.astimezone(zone):%H:%M:%S}'
-                    f"（每 {REFRESH_S:.0f} 秒更新一次，刷新页面查看）</p>") + html
+            html = (f'<p class="muted">数据截至 {computed_at.astimezone(zone):%m-%d %H:%M:%S}'
+                    "（数据量大，后台正在更新；稍后刷新页面查看最新数据）</p>") + html
         return html
 
 
