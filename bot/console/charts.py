@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from xml.sax.saxutils import escape, quoteattr
 
 WIDTH = 360  # viewBox units: ≈ CSS px on a phone; the stylesheet caps the drawn width
-FONT = 12
-BAR = 14  # one bar's height
+FONT = 13
+BAR = 15  # one bar's height
 GAP = 3  # between the bars of one row
 ROW_GAP = 9  # between rows
 PAD = 6
