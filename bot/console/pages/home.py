@@ -128,13 +128,13 @@ def install(console: Console) -> None:
         weeks = weeks_asked(req.get("weeks"))
         since = window_start(req.now, zone, weeks)
         found, computed_at = figures.get(since, zone.key, req.now)
-        with req.reading() as session:  # always fresh: one indexed count
+        with req.reading() as session:  # always fresh: one count of the inbox
             unread = unread_count(session)
         html = render(found, unit=req.config.unit, weeks=weeks, since=since.strftime("%Y-%m-%d"),
                       unread=unread)
         if computed_at is not None:
             html = (f'<p class="muted">数据截至 {computed_at.astimezone(zone):%m-%d %H:%M:%S}'
-                    "（数据量大，后台正在更新；稍后刷新页面查看最新数据）</p>") + html
+                    "（数据量大，后台每分钟最多重算一次；稍后刷新页面可看到更新的数据）</p>") + html
         return html
 
 
