@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from bot.cli import (
     codes,
+    console,
     content,
     db,
     inbox,
@@ -29,13 +30,14 @@ from bot.cli import (
     refunds,
     revenue,
     run,
+    stats,
     wechat,
 )
 from bot.cli.base import app
 from bot.logs import setup_logging
 
-__all__ = ["app", "codes", "content", "db", "inbox", "main", "money", "passes", "pay",
-           "refunds", "revenue", "run", "wechat"]
+__all__ = ["app", "codes", "console", "content", "db", "inbox", "main", "money", "passes",
+           "pay", "refunds", "revenue", "run", "stats", "wechat"]
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ from werobot.parser import parse_xml, process_message
 from werobot.replies import Article, ArticlesReply, TextReply
 
 import handlers
+from bot.console.links import ConsoleLinks
 from bot.settings import Settings
 from bot.web.links import PayLinks, ReaderLinks
 from bot.wechat.crypto import CryptoError, WeChatCrypto
@@ -502,6 +503,7 @@ class Webhook:
             return None  # 兑换, follow/unfollow, operator commands, WeChat's reports …
         with self.fast.reading() as reads:
             ctx = Context(config=self.config, make_link=self.links, pay_link=self.pay_links,
+                          console_link=ConsoleLinks(self.settings),
                           key=delivery.idempotency_key, now=utcnow(), read_only=True,
                           fast=reads, open_session=lambda: read_only(self.engine))
             try:
@@ -533,7 +535,8 @@ class Webhook:
         if msg.event not in SYSTEM_EVENTS:  # those come from WeChat itself, not a follower
             subscribers.ensure_subscriber(session, openid=msg.openid)
         ctx = Context(db=session, config=self.config, make_link=self.links,
-                      pay_link=self.pay_links, key=delivery.idempotency_key, now=utcnow())
+                      pay_link=self.pay_links, console_link=ConsoleLinks(self.settings),
+                      key=delivery.idempotency_key, now=utcnow())
         reply = handlers.dispatch(ctx, msg, self.routers)
         inbox.finish(session, key=delivery.dedupe_key, reply_json=reply_to_json(reply))
         return reply, "ok"
