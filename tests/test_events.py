@@ -357,3 +357,65 @@ def test_event_kinds_the_hooks_write_are_known() -> None:
     source = inspect.getsource(payments)
     assert set(re.findall(r"INSERT INTO event .*?SELECT :\w+, '(\w+)'", source, re.S)) \
         <= events.KINDS
+
+
+@pytest.mark.parametrize("remember_pairs", [True, False], ids=["sealed", "unsealed"])
+def test_on_postgresql_the_card_rides_in_the_claims_one_statement(
+        settings: Settings, engine: Engine, remember_pairs: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path keeps its one round trip for the write: the card's INSERT is a CTE of the
+    claim's statement, not a statement (or a transaction) of its own."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite writes the event in the claim's transaction instead")
+    add_issue(engine, 1, price=30)
+    topup(engine, READER, 40)
+    hook = Webhook(settings, engine)
+    hook.remember_pairs = remember_pairs
+    statements: list[str] = []
+    real_writer = hook.fast._writer
+
+    class Counting:
+        def __init__(self, cur: Any) -> None:
+            self._cur = cur
+
+        def execute(self, sql: str, params: Any = None) -> Any:
+            statements.append(sql)
+            return self._cur.execute(sql, params)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._cur, name)
+
+    from contextlib import contextmanager
+
+    @contextmanager
+    def counted(*, atomic: bool) -> Any:
+        assert not atomic, "the card made the claim a transaction"
+        with real_writer(atomic=atomic) as cur:
+            yield Counting(cur)
+
+    app = bottle.Bottle()
+    hook.install(app)
+    with httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://t") as http:
+        user = WeChatUser(http, READER)
+        user.send("帮助")  # the notice, taken here (a transaction of its own, once)
+        monkeypatch.setattr(hook.fast, "_writer", counted)
+        assert "测试第1期" in user.send("本周")["content"]
+    assert len(statements) == 1 and "INSERT INTO event" in statements[0]
+    assert len(cards(engine)) == 1
+
+
+def test_the_events_cost_benchmark_runs() -> None:
+    """bench/webhook.py --events-cost (the figure in docs/benchmarks.md §8) keeps working."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSBOT_")}
+    env["PYTHONPATH"] = str(root)
+    done = subprocess.run([sys.executable, str(root / "bench" / "webhook.py"), "--events-cost",
+                           "--quick", "--no-pg"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SQLite: events on" in done.stdout and "msgs/s" in done.stdout
