@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -500,3 +502,13 @@ def test_stats_of_real_signed_messages(engine: Engine, settings: Settings,
         "repeat_payers": 0, "revenue_tokens": 30, "topup_tokens": 100}
     assert got["tokens_outstanding"] == 70
     assert got["followers"] == got["subscribers"] - 1  # bob left
+
+
+def test_the_benchmark_runs() -> None:
+    """bench/stats.py --quick: its own checks of compute() and the CLI pass (no speed asserted)."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, str(root / "bench" / "stats.py"), "--quick",
+                           "--no-pg"], cwd=root, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SQLite" in done.stdout and " OK " in done.stdout, done.stdout
