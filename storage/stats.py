@@ -152,11 +152,12 @@ def iso_week(monday: date) -> str:
     return f"{year}-W{week:02d}"
 
 
-# --------------------------------------------------------------------------- week buckets
+# --------------------------------------------------------------------------- dialects
 
 
-class _Weeks:
-    """The SQL expression of an instant's week, and its result back to that week's Monday."""
+class _Sql:
+    """What differs by dialect: the SQL expression of an instant's week (and its result back to
+    that week's Monday), and distinct counts."""
 
     def __init__(self, session: Session, zone: ZoneInfo, lo: datetime, hi: datetime) -> None:
         self.zone = zone
@@ -178,6 +179,11 @@ class _Weeks:
         seconds = cast(func.strftime("%s", at), Integer)
         # Integer division truncates; every instant is after the epoch Monday, so it floors.
         return (seconds + offset - _MONDAY_EPOCH).self_group().op("/")(literal(_WEEK_SECONDS))
+
+    def readers(self, openid: Any) -> ColumnElement[Any]:
+        """COUNT(DISTINCT openid). On PostgreSQL compared bytewise (openids are ASCII): the
+        sort behind it costs a fifth less than under the database's collation."""
+        return func.count(distinct(openid.collate("C") if self.postgres else openid))
 
     def monday(self, value: Any) -> date:
         if isinstance(value, datetime):
@@ -237,17 +243,19 @@ def compute(session: Session, *, issue: int | None = None, since: datetime | Non
     zone = ZoneInfo(timezone)
     now = now or utcnow()
     conn = session.connection()
-    lo, hi = conn.execute(sa_select(func.min(_EVENT.c.at), func.max(_EVENT.c.at))).one()
-    weeks = _Weeks(session, zone, min(x for x in (lo, since, now) if x is not None),
-                   max(x for x in (hi, now) if x is not None))
-    refunds = _refunds(session, since, weeks)
+    # Two statements: SQLite answers a lone min() or max() from the index, not both at once.
+    lo = conn.execute(sa_select(func.min(_EVENT.c.at))).scalar()
+    hi = conn.execute(sa_select(func.max(_EVENT.c.at))).scalar()
+    sql = _Sql(session, zone, min(x for x in (lo, since, now) if x is not None),
+               max(x for x in (hi, now) if x is not None))
+    refunds = _refunds(session, since, sql)
     balance, subscribers, followers = conn.execute(sa_select(
         func.coalesce(func.sum(_SUB.c.balance), 0), func.count(),
         func.count().filter(_SUB.c.subscribed.is_(True)))).one()
     return Stats(
-        issues=_issues(session, issue, since, refunds),
-        weeks=_weeks(session, since, now, weeks, refunds),
-        scenes=_scenes(session, since, refunds),
+        issues=_issues(session, issue, since, refunds, sql),
+        weeks=_weeks(session, since, now, sql, refunds),
+        scenes=_scenes(session, since, refunds, sql),
         tokens_outstanding=int(balance), subscribers=int(subscribers),
         followers=int(followers or 0), since=since, timezone=zone.key,
     )
@@ -261,11 +269,11 @@ class _Refund:
     tokens: int
 
 
-def _refunds(session: Session, since: datetime | None, weeks: _Weeks) -> list[_Refund]:
+def _refunds(session: Session, since: datetime | None, sql: _Sql) -> list[_Refund]:
     """Refunds given in the window of unlocks and pass purchases, by the unlocked issue, the
     week given and the refunded reader's scene (a few rows: refunds are rare)."""
     refund, original = _ENTRY, aliased(_ENTRY)
-    week = weeks.of(refund.c.created_at)
+    week = sql.of(refund.c.created_at)
     rows = session.connection().execute(
         sa_select(original.c.issue_number, week, _SUB.c.scene, func.sum(refund.c.amount))
         .select_from(refund.join(original, original.c.id == refund.c.refers_to)
@@ -273,12 +281,12 @@ def _refunds(session: Session, since: datetime | None, weeks: _Weeks) -> list[_R
         .where(refund.c.kind == "refund", original.c.kind.in_(("redeem", "pass")),
                _window(since, refund.c.created_at))
         .group_by(original.c.issue_number, week, _SUB.c.scene)).all()
-    return [_Refund(issue_number=i, monday=weeks.monday(w), scene=s, tokens=int(t or 0))
+    return [_Refund(issue_number=i, monday=sql.monday(w), scene=s, tokens=int(t or 0))
             for i, w, s, t in rows]
 
 
 def _issues(session: Session, only: int | None, since: datetime | None,
-            refunds: list[_Refund]) -> list[IssueStats]:
+            refunds: list[_Refund], sql: _Sql) -> list[IssueStats]:
     e = _EVENT.c
     where = [e.kind.in_(_FUNNEL), e.issue_number.is_not(None), _window(since, e.at)]
     if only is not None:
@@ -286,7 +294,7 @@ def _issues(session: Session, only: int | None, since: datetime | None,
     counts: dict[int, dict[str, int]] = {}
     paid: dict[int, int] = {}
     for number, kind, readers, tokens in session.connection().execute(
-            sa_select(e.issue_number, e.kind, func.count(distinct(e.openid)), func.sum(e.amount))
+            sa_select(e.issue_number, e.kind, sql.readers(e.openid), func.sum(e.amount))
             .where(*where).group_by(e.issue_number, e.kind)).all():
         counts.setdefault(int(number), {})[kind] = int(readers)
         if kind == events.UNLOCK:
@@ -308,20 +316,20 @@ def _issues(session: Session, only: int | None, since: datetime | None,
                        revenue_tokens=paid.get(n, 0)) for n in numbers]
 
 
-def _weeks(session: Session, since: datetime | None, now: datetime, weeks: _Weeks,
+def _weeks(session: Session, since: datetime | None, now: datetime, sql: _Sql,
            refunds: list[_Refund]) -> list[WeekStats]:
     e = _EVENT.c
     conn = session.connection()
-    week = weeks.of(e.at)
+    week = sql.of(e.at)
     rows: dict[date, list[int]] = {}
     for w, active, follows, unfollows, spent, topups in conn.execute(
-            sa_select(week, func.count(distinct(e.openid)),
-                      func.count(distinct(case((e.kind == events.FOLLOW, e.openid)))),
-                      func.count(distinct(case((e.kind == events.UNFOLLOW, e.openid)))),
+            sa_select(week, sql.readers(e.openid),
+                      sql.readers(case((e.kind == events.FOLLOW, e.openid))),
+                      sql.readers(case((e.kind == events.UNFOLLOW, e.openid))),
                       func.sum(case((e.kind.in_(_SPEND), e.amount), else_=0)),
                       func.sum(case((e.kind == events.TOPUP, e.amount), else_=0)))
             .where(_window(since, e.at)).group_by(week)).all():
-        rows[weeks.monday(w)] = [int(active), int(follows), int(unfollows), int(spent or 0),
+        rows[sql.monday(w)] = [int(active), int(follows), int(unfollows), int(spent or 0),
                                  int(topups or 0), 0, 0]
     # Payers: each subscriber's paying weeks over all time, their first one beside each.
     per_week = (sa_select(e.openid.label("openid"), week.label("week"),
@@ -335,17 +343,17 @@ def _weeks(session: Session, since: datetime | None, now: datetime, weeks: _Week
                       func.sum(case((ranked.c.week == ranked.c.first, 1), else_=0)),
                       func.sum(case((ranked.c.week > ranked.c.first, 1), else_=0)))
             .where(_window(since, ranked.c.last_at)).group_by(ranked.c.week)).all():
-        line = rows.setdefault(weeks.monday(w), [0] * 7)
+        line = rows.setdefault(sql.monday(w), [0] * 7)
         line[5], line[6] = int(new or 0), int(repeat or 0)
     for r in refunds:
         rows.setdefault(r.monday, [0] * 7)[3] -= r.tokens
     if not rows and since is None:
         return []
-    local_now = now.astimezone(weeks.zone).date()
+    local_now = now.astimezone(sql.zone).date()
     last = max([*rows, local_now - timedelta(days=local_now.weekday())])
     first = min(rows) if rows else last
     if since is not None:
-        local_since = since.astimezone(weeks.zone).date()
+        local_since = since.astimezone(sql.zone).date()
         first = min(first, local_since - timedelta(days=local_since.weekday()))
     out: list[WeekStats] = []
     monday = first
@@ -358,19 +366,19 @@ def _weeks(session: Session, since: datetime | None, now: datetime, weeks: _Week
     return out
 
 
-def _scenes(session: Session, since: datetime | None,
-            refunds: list[_Refund]) -> list[SceneStats]:
+def _scenes(session: Session, since: datetime | None, refunds: list[_Refund],
+            sql: _Sql) -> list[SceneStats]:
     e = _EVENT.c
     conn = session.connection()
     touched: dict[str, dict[str, int]] = {}
     for kind, scene, readers in conn.execute(
-            sa_select(e.kind, e.detail, func.count(distinct(e.openid)))
+            sa_select(e.kind, e.detail, sql.readers(e.openid))
             .where(e.kind.in_((events.FOLLOW, events.SCAN)), e.detail.is_not(None),
                    _window(since, e.at)).group_by(e.kind, e.detail)).all():
         touched.setdefault(str(scene), {})[kind] = int(readers)
     paid: dict[str, tuple[int, int]] = {}
     for scene, payers, spent in conn.execute(
-            sa_select(_SUB.c.scene, func.count(distinct(e.openid)),
+            sa_select(_SUB.c.scene, sql.readers(e.openid),
                       func.sum(case((e.kind.in_(_SPEND), e.amount), else_=0)))
             .select_from(_EVENT.join(_SUB, _SUB.c.openid == e.openid))
             .where(_paying(), _SUB.c.scene.is_not(None), _window(since, e.at))

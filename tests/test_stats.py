@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -16,13 +18,17 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import httpx
 import pytest
 from sqlalchemy import Engine, insert
 from sqlmodel import Session
 
+from bot.settings import Settings
+from bot.web.links import ReaderLinks
 from storage import events, stats
 from storage.db import transaction
 from storage.models import Event, LedgerEntry, QrCode, Subscriber
+from tests.conftest import WeChatUser
 from tests.test_money_cli import cli, write_config
 from tests.test_webhook import add_issue
 
@@ -459,3 +465,50 @@ def test_zone_offsets_are_found_to_the_second() -> None:
         (datetime(2026, 10, 25, 1, 0, tzinfo=UTC), 3600)]
     assert stats._offsets(SHANGHAI, datetime(2026, 1, 1, tzinfo=UTC),
                           datetime(2030, 1, 1, tzinfo=UTC))[1:] == []
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_stats_of_real_signed_messages(engine: Engine, settings: Settings,
+                                       app_client: httpx.Client, operator: WeChatUser,
+                                       config: Path) -> None:
+    """Three readers and an operator talk to the real app; stats counts what they did."""
+    add_issue(engine, 1, price=30)
+    alice, bob, carol = (WeChatUser(app_client, o) for o in ("o_e2e_alice", "o_e2e_bob",
+                                                              "o_e2e_carol"))
+    for reader in (alice, bob, carol):
+        assert "测试第1期" in reader.event("subscribe")["content"]  # the greeting's card
+    for _ in range(2):
+        assert "测试第1期" in alice.send("本周")["content"]
+    assert "测试第1期" in bob.send("本周")["content"]
+    assert "100" in operator.send(f"#topup {alice.openid} 100 活动")["content"]
+    unlocked = alice.send("兑换 1")  # a news reply: the full text's link
+    assert unlocked["type"] == "news" and "测试第1期" in unlocked["title"], unlocked
+    reader = ReaderLinks(settings)
+    assert app_client.get(reader.path_until(alice.openid, 1, 2_000_000_000)).status_code == 200
+    assert app_client.get(reader.path_until(bob.openid, 1, 2_000_000_000)).status_code == 200
+    bob.event("unsubscribe")
+
+    got = stats_json(config)
+    assert got["issues"] == [{"number": 1, "title": "测试第1期", "card_views": 3,
+                              "excerpt_opens": 1, "unlocks": 1, "full_reads": 1,
+                              "revenue_tokens": 30, "conversion": 1 / 3}]
+    this_week = got["weeks"][-1]
+    assert this_week["week"] == stats.iso_week(monday(datetime.now(UTC)))
+    assert {k: this_week[k] for k in ("follows", "unfollows", "active_readers", "new_payers",
+                                      "repeat_payers", "revenue_tokens", "topup_tokens")} == {
+        "follows": 3, "unfollows": 1, "active_readers": 3, "new_payers": 1,
+        "repeat_payers": 0, "revenue_tokens": 30, "topup_tokens": 100}
+    assert got["tokens_outstanding"] == 70
+    assert got["followers"] == got["subscribers"] - 1  # bob left
+
+
+def test_the_benchmark_runs() -> None:
+    """bench/stats.py --quick: its own checks of compute() and the CLI pass (no speed asserted)."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, str(root / "bench" / "stats.py"), "--quick",
+                           "--no-pg"], cwd=root, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SQLite" in done.stdout and " OK " in done.stdout, done.stdout

@@ -4,7 +4,6 @@ business per week and per QR scene, and tokens outstanding, read from the events
 
 from __future__ import annotations
 
-from datetime import date, datetime, time
 from typing import Annotated
 from zoneinfo import ZoneInfo
 
@@ -20,6 +19,7 @@ from bot.cli.base import (
     _dump,
     _fail,
     _settings,
+    _since,
     _when,
     _zone,
     app,
@@ -36,16 +36,6 @@ SinceOpt = Annotated[str | None, typer.Option(
     "--since", metavar="DATE", help="Only events from this day on (YYYY-MM-DD, a day in "
     "[broadcast] timezone). Tokens outstanding and subscriber counts are always as of now.",
     show_default=False)]
-
-
-def _since(raw: str | None, zone: ZoneInfo) -> datetime | None:
-    if raw is None:
-        return None
-    try:
-        day = date.fromisoformat(raw.strip())
-    except ValueError:
-        _fail(f"--since must be a date like 2026-12-01 (YYYY-MM-DD), got {raw!r}", 2)
-    return datetime.combine(day, time(0), tzinfo=zone)
 
 
 @app.command("stats")

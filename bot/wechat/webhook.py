@@ -43,7 +43,7 @@ from handlers.router import (
     Text,
     normalize,
 )
-from storage import inbox, replay, subscribers
+from storage import events, inbox, replay, subscribers
 from storage.db import read_only, run_in_transaction
 from storage.fastpath import FastPath, NoticeTaken
 from storage.models import utcnow
@@ -301,6 +301,9 @@ class Webhook:
         # plain `signature` of an encrypted delivery's URL is just as valid for a plain body.
         # Safe mode alone needs none of it (msg_signature covers the ciphertext).
         self.remember_pairs = self.crypto is None or settings.wechat.accept_plain
+        # What handlers noted (card views: storage.events) is stored with each delivery's
+        # claim; only bench/webhook.py --events-cost turns it off, to measure what it costs.
+        self.record_events = True
         self._purge_lock = threading.Lock()
         self._next_purge = 0.0
 
@@ -515,7 +518,8 @@ class Webhook:
                 ctx.close()
         claim = self.fast.store_reply(key=delivery.dedupe_key, openid=msg.openid,
                                       reply_json=reply_to_json(reply), now=ctx.now,
-                                      notice_issue=ctx.deferred_notice, seal=seal)
+                                      notice_issue=ctx.deferred_notice, seal=seal,
+                                      events=ctx.events if self.record_events else ())
         if claim.state == "done":  # WeChat's retry of a message answered before
             return reply_from_json(claim.reply_json), "duplicate"
         return reply, "ok"
@@ -538,5 +542,7 @@ class Webhook:
                       pay_link=self.pay_links, console_link=ConsoleLinks(self.settings),
                       key=delivery.idempotency_key, now=utcnow())
         reply = handlers.dispatch(ctx, msg, self.routers)
+        if self.record_events:
+            events.record_many(session, ctx.events)  # with the claim: a retry adds none
         inbox.finish(session, key=delivery.dedupe_key, reply_json=reply_to_json(reply))
         return reply, "ok"
