@@ -18,12 +18,12 @@ the batches WeChat accepted, for `broadcast resume`.
 
 from __future__ import annotations
 
-from bot.cli import codes, content, db, money, passes, pay, refunds, revenue, run, wechat
+from bot.cli import codes, content, db, money, passes, pay, qr, refunds, revenue, run, wechat
 from bot.cli.base import app
 from bot.logs import setup_logging
 
-__all__ = ["app", "codes", "content", "db", "main", "money", "passes", "pay", "refunds",
-           "revenue", "run", "wechat"]
+__all__ = ["app", "codes", "content", "db", "main", "money", "passes", "pay", "qr",
+           "refunds", "revenue", "run", "wechat"]
 
 
 def main() -> None:
