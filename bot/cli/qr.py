@@ -57,7 +57,8 @@ _FILE_SAFE = re.compile(r"[^A-Za-z0-9_-]")
 def qr_create(
     ctx: typer.Context,
     scene: Annotated[str, typer.Argument(
-        metavar="SCENE", help="What the code is for (e.g. poster-2026-12): 1-64 characters, no spaces.")],
+        metavar="SCENE",
+        help="What the code is for (e.g. poster-2026-12): 1-64 characters, no spaces.")],
     days: Annotated[int | None, typer.Option(
         "--days", parser=whole_number(1), metavar="N",
         help=f"Days the code works: 1-{MAX_DAYS} (default {MAX_DAYS}, WeChat's longest).",
