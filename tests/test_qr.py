@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -110,8 +111,7 @@ def test_a_scan_push_carries_the_scene_and_an_expired_code_pushes_nothing(
     assert "<Event><![CDATA[subscribe]]></Event>" in first and "qrscene_expo" in first
     second = fake.scan_xml(ticket, "o_new")  # following now: a scan
     assert "<Event><![CDATA[SCAN]]></Event>" in second and "[CDATA[expo]]" in second
-    fake.qrcodes[ticket] = fake.qrcodes[ticket].__class__(
-        ticket, fake.qrcodes[ticket].url, "expo", expires_at=0.0)
+    fake.qrcodes[ticket] = replace(fake.qrcodes[ticket], expires_at=0.0)
     with pytest.raises(ValueError):
         fake.scan_xml(ticket, "o_other")
 
