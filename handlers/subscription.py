@@ -9,7 +9,7 @@ import re
 from handlers.config import ChatConfig
 from handlers.issue import card_for
 from handlers.router import Context, Incoming, Reply, Router, Silent, Text, reads_only
-from storage import subscribers
+from storage import events, subscribers
 from storage.errors import UnknownIssue
 
 router = Router("subscription")
@@ -33,9 +33,20 @@ def welcome(config: ChatConfig) -> str:
             "回复「帮助」查看全部指令。")
 
 
+QR_FOLLOW_PREFIX = "qrscene_"  # a follow through a parametric QR code (newsbot qr create)
+
+
+def _scene(key: str) -> str | None:
+    """The QR scene a push carries, cut to what the column holds; None when there is none."""
+    return key.strip()[:64] or None
+
+
 @router.event("subscribe")
 def on_subscribe(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
-    returning = subscribers.follow(ctx.session, openid=msg.openid, at=ctx.now)
+    # A plain follow has an empty EventKey; only the qrscene_ prefix marks a QR code's scene.
+    key = msg.event_key.strip()
+    scene = _scene(key[len(QR_FOLLOW_PREFIX):]) if key.startswith(QR_FOLLOW_PREFIX) else None
+    returning = subscribers.follow(ctx.session, openid=msg.openid, at=ctx.now, scene=scene)
     if returning:
         balance = ctx.standing(msg.openid, None).balance
         lead = (f"欢迎回来！你在《{ctx.config.publication}》的余额 {balance} {ctx.unit}"
@@ -55,9 +66,14 @@ def on_unsubscribe(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> 
 
 
 @router.event("scan")
-@reads_only
 def on_scan(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
-    """A follower scanned one of the account's QR codes: show them this week's card."""
+    """A follower scanned one of the account's QR codes (EventKey is its bare scene): record
+    the scan, credit the scene if none brought them yet, and show them this week's card. No
+    reward for scanning, following or sharing: WeChat's rules forbid it."""
+    scene = _scene(msg.event_key)
+    if scene is not None:
+        events.record(ctx.session, events.SCAN, openid=msg.openid, at=ctx.now, detail=scene)
+        subscribers.attribute(ctx.session, openid=msg.openid, scene=scene)
     return Text(card_for(ctx, msg.openid, None))
 
 

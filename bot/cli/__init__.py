@@ -27,6 +27,7 @@ from bot.cli import (
     money,
     passes,
     pay,
+    qr,
     refunds,
     revenue,
     run,
@@ -37,7 +38,7 @@ from bot.cli.base import app
 from bot.logs import setup_logging
 
 __all__ = ["app", "codes", "console", "content", "db", "inbox", "main", "money", "passes",
-           "pay", "refunds", "revenue", "run", "stats", "wechat"]
+           "pay", "qr", "refunds", "revenue", "run", "stats", "wechat"]
 
 
 def main() -> None:

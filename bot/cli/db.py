@@ -1,20 +1,27 @@
-"""`newsbot db upgrade`: the database schema."""
+"""`newsbot db upgrade`: the database schema; `newsbot db purge`: delete what is no longer
+needed (README "What is kept, and for how long")."""
 
 from __future__ import annotations
+
+from typing import Annotated
 
 import typer
 from sqlalchemy.exc import DBAPIError
 
 from bot.cli.base import (
     ConfigOpt,
+    JsonOpt,
+    _database,
     _db_label,
+    _dump,
     _engine,
     _fail,
     _settings,
     db_app,
     out,
 )
-from storage import schema
+from bot.jobs.purge import policy_for, run_purge
+from storage import retention, schema
 
 
 @db_app.command("upgrade")
@@ -44,3 +51,32 @@ def db_upgrade(ctx: typer.Context, config: ConfigOpt = None) -> None:
         return
     start = before or ("empty" if empty else "no revision (made before migrations)")
     out.print(f"{label}: upgraded {start} → {after}", markup=False, soft_wrap=True)
+
+
+@db_app.command("purge")
+def db_purge(
+    ctx: typer.Context,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Count what would be deleted; delete nothing.")] = False,
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Delete old delivery replies, code failures, inbox messages and ended console sessions
+    now, as the scheduled job does every [retention] purge_every_minutes.
+
+    Deletes [retention] purge_batch rows per statement, each in its own transaction, so a
+    running webhook is not held up. Events, the ledger, unlocks and passes are never deleted."""
+    settings = _settings(ctx, config)
+    with _database(settings) as engine:
+        try:
+            counts = (retention.count_purgeable(engine, policy_for(settings)) if dry_run
+                      else run_purge(settings, engine))
+        except DBAPIError as exc:
+            _fail(f"cannot purge {_db_label(settings)!r}: {exc.orig}", 1)
+    if json_out:
+        _dump({"dry_run": dry_run, "rows": counts})
+        return
+    verb = "would delete" if dry_run else "deleted"
+    width = max(map(len, counts))
+    for table, n in counts.items():
+        out.print(f"{table:<{width}}  {n:>10,} rows {verb}", markup=False)

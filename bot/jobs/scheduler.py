@@ -1,5 +1,5 @@
 """APScheduler 3 with an explicit timezone around the weekly job (and, with [pay], the
-minutely WeChat Pay sync: bot.jobs.pay_sync).
+minutely WeChat Pay sync: bot.jobs.pay_sync; and the purge of old rows: bot.jobs.purge).
 
 Each fire time is claimed with a unique row (``weekly_run``), so any number of processes may
 run the scheduler: exactly one of them does the work. A fire missed while every process was down
@@ -24,6 +24,7 @@ from sqlalchemy import Engine
 from bot.jobs.broadcast import Messenger
 from bot.jobs.inbox_notice import InboxNoticeJob
 from bot.jobs.pay_sync import PaySyncJob
+from bot.jobs.purge import run_purge
 from bot.jobs.weekly import run_weekly_job
 from bot.settings import Settings, cron_fields
 from bot.wechat.api import WeChatClient
@@ -37,6 +38,7 @@ PAY_SYNC_JOB_ID = "pay-sync"
 PAY_SYNC_EVERY_S = 60
 INBOX_NOTICE_JOB_ID = "inbox-notice"
 INBOX_NOTICE_EVERY_S = 60  # how often it looks; the notice itself waits notify_every_minutes
+PURGE_JOB_ID = "purge"
 
 
 def weekly_trigger(settings: Settings) -> CronTrigger:
@@ -87,6 +89,9 @@ class WeeklyScheduler:
             self.scheduler.add_job(self.run_inbox_notice, "interval",
                                    seconds=INBOX_NOTICE_EVERY_S, id=INBOX_NOTICE_JOB_ID,
                                    coalesce=True, max_instances=1)
+        self.scheduler.add_job(self.run_purge, "interval",
+                               minutes=settings.retention.purge_every_minutes,
+                               id=PURGE_JOB_ID, coalesce=True, max_instances=1)
 
     def _on_error(self, event: JobExecutionEvent) -> None:
         log.error("scheduled job %s raised %r", event.job_id, event.exception)
@@ -121,6 +126,11 @@ class WeeklyScheduler:
             self.inbox_notice.run()
         except Exception:  # logged; the next minute tries again
             log.exception("inbox notice job failed")
+    def run_purge(self) -> None:
+        try:
+            run_purge(self.settings, self.engine, now=self.now())
+        except Exception:  # logged; the next run deletes what this one left
+            log.exception("purge job failed")
 
     def catch_up(self) -> None:
         """Run a fire missed while the process was down (within the grace time)."""

@@ -39,6 +39,13 @@ CLIENTMSGID_WAIT_S: Final = 60.0
 MASS_SEND_MIN_OPENIDS: Final = 2
 MASS_SEND_MAX_OPENIDS: Final = 10_000
 CLIENTMSGID_MAX_BYTES: Final = 64
+# qrcode/create (verified 服务号): temporary codes live at most 30 days; an account may make
+# at most 100,000 permanent ones, ever; a string scene is 1-64 characters.
+QR_TEMPORARY_MAX_S: Final = 2_592_000
+QR_PERMANENT_LIMIT: Final = 100_000
+QR_SCENE_MAX_CHARS: Final = 64
+ERRCODE_QR_PERMANENT_LIMIT: Final = 45029
+ERRCODE_UNAUTHORIZED: Final = 48001  # the account type may not call this API
 
 # Local errcodes for failures that never got a WeChat answer; WeChat's own are >= -1.
 ERRCODE_NETWORK: Final = -2
@@ -140,6 +147,27 @@ class MassSendResult:
     msg_id: int
     msg_data_id: int | None
     already_sent: bool = False
+
+
+@dataclass(frozen=True)
+class QrTicket:
+    """A parametric QR code: ``url`` is what the code encodes (draw it, no download needed);
+    ``expire_seconds`` is None for a permanent code."""
+
+    ticket: str
+    url: str
+    expire_seconds: int | None
+
+
+def check_qr_scene(scene: str) -> str | None:
+    """Why ``scene`` cannot be a QR code's scene, or None when it can."""
+    if not scene:
+        return "the scene is empty"
+    if len(scene) > QR_SCENE_MAX_CHARS:
+        return f"the scene is {len(scene)} characters; WeChat takes at most {QR_SCENE_MAX_CHARS}"
+    if any(not ch.isprintable() or ch.isspace() for ch in scene):
+        return "the scene contains spaces or control characters"
+    return None
 
 
 class _RedactAccessToken(logging.Filter):
@@ -295,6 +323,31 @@ class WeChatClient:
     def send_custom_text(self, openid: str, content: str) -> None:
         body = {"touser": openid, "msgtype": "text", "text": {"content": content}}
         self._call("POST", "/cgi-bin/message/custom/send", body=body, replay_safe=False)
+
+    def create_qrcode(self, scene: str, *, expire_seconds: int | None) -> QrTicket:
+        """A temporary code (``expire_seconds``, at most 30 days) or, with None, a permanent one
+        (QR_LIMIT_STR_SCENE: counts against the account's 100,000 for good). A follow through
+        it arrives as ``qrscene_<scene>``, a follower's scan as SCAN with the bare scene."""
+        problem = check_qr_scene(scene)
+        if problem is not None:
+            raise ValueError(problem)
+        body: JSONDict = {"action_info": {"scene": {"scene_str": scene}}}
+        if expire_seconds is None:
+            body["action_name"] = "QR_LIMIT_STR_SCENE"
+        else:
+            if not 1 <= expire_seconds <= QR_TEMPORARY_MAX_S:
+                raise ValueError(f"expire_seconds must be 1–{QR_TEMPORARY_MAX_S}")
+            body |= {"action_name": "QR_STR_SCENE", "expire_seconds": expire_seconds}
+        # A replayed temporary code is just one more ticket; a permanent one would use up
+        # another of the account's 100,000.
+        payload = self._call("POST", "/cgi-bin/qrcode/create", body=body,
+                             replay_safe=expire_seconds is not None)
+        ticket, url = payload.get("ticket"), payload.get("url")
+        if not isinstance(ticket, str) or not ticket or not isinstance(url, str) or not url:
+            raise WeChatError(ERRCODE_BAD_RESPONSE, "qrcode/create answer lacks ticket or url",
+                              payload)
+        return QrTicket(ticket, url, _optional_int(payload.get("expire_seconds"))
+                        if expire_seconds is not None else None)
 
     def create_menu(self, menu: dict[str, Any]) -> None:
         # Creating the same menu twice is harmless, so replays are fine.

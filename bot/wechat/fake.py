@@ -40,6 +40,11 @@ FOLLOWERS_PAGE: Final = 10_000
 TEXT_MAX_BYTES: Final = 2048
 SYSTEM_OPENID: Final = "oFakeSystemSender00000000000"
 ACCOUNT_ID: Final = "gh_fake"
+QR_TEMPORARY_MAX_S: Final = 2_592_000
+QR_DEFAULT_EXPIRE_S: Final = 60  # a temporary code without expire_seconds
+QR_PERMANENT_LIMIT: Final = 100_000
+QR_SCENE_MAX_CHARS: Final = 64
+QR_URL_PREFIX: Final = "http://weixin.qq.com/q/"
 
 ERRMSG: Final[dict[int, str]] = {
     -1: "system error",
@@ -57,6 +62,7 @@ ERRMSG: Final[dict[int, str]] = {
     40054: "invalid sub button url domain",
     40055: "invalid button url domain",
     40066: "invalid url",
+    40097: "invalid args",
     40125: "invalid appsecret",
     40130: "invalid openid list size, at least two openid",
     41001: "access_token missing",
@@ -70,6 +76,7 @@ ERRMSG: Final[dict[int, str]] = {
     45011: "api minute-quota reach limit, must slower retry next minute",
     45015: "response out of time limit or subscription is canceled",
     45028: "has no masssend quota",
+    45029: "qrcode count out of limit",
     45065: "clientmsgid exist",
     45047: "out of response count limit",
     45066: "same clientmsgid retry too fast",
@@ -113,6 +120,16 @@ class MassSend:
     total_count: int
     sent_count: int
     time: float
+
+
+@dataclass(frozen=True)
+class QrCode:
+    """A parametric code the fake handed out; ``expires_at`` is None for a permanent one."""
+
+    ticket: str
+    url: str
+    scene: str
+    expires_at: float | None
 
 
 @dataclass
@@ -177,6 +194,8 @@ class FakeWeChat:
         host: str = "127.0.0.1",
         port: int = 0,
         sendall_quota_per_day: int | None = None,
+        qrcode_allowed: bool = True,
+        permanent_qr_limit: int = QR_PERMANENT_LIMIT,
     ) -> None:
         if webhook_url and not webhook_token:
             raise ValueError("webhook_url needs webhook_token to sign the callbacks")
@@ -186,6 +205,10 @@ class FakeWeChat:
         self.webhook_url = webhook_url
         self.webhook_token = webhook_token
         self.sendall_quota_per_day = sendall_quota_per_day
+        # Parametric QR codes need a verified 服务号; others get 48001.
+        self.qrcode_allowed = qrcode_allowed
+        self.permanent_qr_limit = permanent_qr_limit
+        self.qrcodes: dict[str, QrCode] = {}  # by ticket
         self.calls: list[Call] = []
         self.deliveries: dict[str, int] = {}
         self.mass_sends: list[MassSend] = []
@@ -619,6 +642,77 @@ class FakeWeChat:
         self.menu = body
         return {"errcode": 0, "errmsg": "ok"}
 
+    # -- parametric QR codes -----------------------------------------------------------------
+
+    def _qrcode_create(self, query: dict[str, str], body: JSONDict) -> JSONDict:
+        if not self.qrcode_allowed:
+            raise _WeChatFailure(48001)
+        action = body.get("action_name")
+        info = body.get("action_info")
+        scene_obj = info.get("scene") if isinstance(info, dict) else None
+        scene = scene_obj.get("scene_str") if isinstance(scene_obj, dict) else None
+        if action not in ("QR_STR_SCENE", "QR_LIMIT_STR_SCENE") or not isinstance(scene, str) \
+                or not 1 <= len(scene) <= QR_SCENE_MAX_CHARS:
+            raise _WeChatFailure(40097)
+        now = self._clock()
+        if action == "QR_LIMIT_STR_SCENE":
+            # The same permanent scene is the same code: WeChat hands its ticket out again.
+            for code in self.qrcodes.values():
+                if code.expires_at is None and code.scene == scene:
+                    return {"ticket": code.ticket, "url": code.url}
+            if sum(c.expires_at is None for c in self.qrcodes.values()) \
+                    >= self.permanent_qr_limit:
+                raise _WeChatFailure(45029)
+            code = self._new_qrcode(scene, None)
+            return {"ticket": code.ticket, "url": code.url}
+        expire = body.get("expire_seconds", QR_DEFAULT_EXPIRE_S)
+        if isinstance(expire, bool) or not isinstance(expire, int) \
+                or not 1 <= expire <= QR_TEMPORARY_MAX_S:
+            raise _WeChatFailure(40097)
+        code = self._new_qrcode(scene, now + expire)
+        return {"ticket": code.ticket, "expire_seconds": expire, "url": code.url}
+
+    def _new_qrcode(self, scene: str, expires_at: float | None) -> QrCode:
+        code = QrCode(ticket="gQ" + secrets.token_urlsafe(72),
+                      url=QR_URL_PREFIX + secrets.token_urlsafe(16), scene=scene,
+                      expires_at=expires_at)
+        self.qrcodes[code.ticket] = code
+        return code
+
+    def scan_xml(self, ticket: str, openid: str, *, create_time: int | None = None) -> str:
+        """The push WeChat sends when ``openid`` scans the code of ``ticket``: ``subscribe``
+        with ``qrscene_<scene>`` for someone who does not follow yet (they follow now), SCAN
+        with the bare scene for a follower. An expired or unknown code pushes nothing: that is
+        a ValueError here."""
+        with self._lock:
+            code = self.qrcodes.get(ticket)
+            if code is None or (code.expires_at is not None
+                                and self._clock() >= code.expires_at):
+                raise ValueError("this QR code is unknown or has expired: WeChat pushes nothing")
+            if self._is_follower(openid):
+                event, key = "SCAN", code.scene
+            else:
+                event, key = "subscribe", "qrscene_" + code.scene
+                self.followers = [*self._followers, openid]
+        when = create_time if create_time is not None else int(self._clock())
+        return (f"<xml><ToUserName><![CDATA[{ACCOUNT_ID}]]></ToUserName>"
+                f"<FromUserName><![CDATA[{openid}]]></FromUserName>"
+                f"<CreateTime>{when}</CreateTime><MsgType><![CDATA[event]]></MsgType>"
+                f"<Event><![CDATA[{event}]]></Event><EventKey><![CDATA[{key}]]></EventKey>"
+                f"<Ticket><![CDATA[{ticket}]]></Ticket></xml>")
+
+    def scan(self, ticket: str, openid: str) -> httpx.Response:
+        """Post ``scan_xml`` to the configured webhook, signed, as WeChat would."""
+        if not self.webhook_url or not self.webhook_token:
+            raise RuntimeError("scan() needs webhook_url and webhook_token")
+        xml = self.scan_xml(ticket, openid)
+        timestamp = str(int(self._clock()))
+        nonce = str(secrets.randbelow(10**10))
+        params = {"signature": wechat_signature(self.webhook_token, timestamp, nonce),
+                  "timestamp": timestamp, "nonce": nonce, "openid": openid}
+        return httpx.post(self.webhook_url, params=params, content=xml.encode("utf-8"),
+                          headers={"Content-Type": "text/xml"}, timeout=10.0)
+
     _routes: Final[dict[str, Callable[[FakeWeChat, dict[str, str], Any], JSONDict]]] = {
         "/cgi-bin/user/get": _user_get,
         "/cgi-bin/message/mass/sendall": _sendall,
@@ -626,6 +720,7 @@ class FakeWeChat:
         "/cgi-bin/message/mass/preview": _preview,
         "/cgi-bin/message/custom/send": _custom_send,
         "/cgi-bin/menu/create": _menu_create,
+        "/cgi-bin/qrcode/create": _qrcode_create,
     }
 
     # -- MASSSENDJOBFINISH callback --------------------------------------------------------

@@ -96,13 +96,30 @@ def cdata(text: str) -> str:
 
 # --- reply serialisation (stored with the delivery so retries get the identical answer) ---
 
-def reply_to_json(reply: Reply) -> str:
+def reply_to_json(reply: Reply, max_bytes: int | None = None) -> str:
+    """The reply as stored with its delivery, at most ``max_bytes`` (``[retention]
+    reply_max_bytes``): a text is cut, a news item's description. WeChat shows no more than
+    TEXT_LIMIT_BYTES of a text anyway, so a retry's answer differs only when the cap is set
+    below that."""
     if isinstance(reply, Text):
-        return json.dumps({"type": "text", "content": reply.content}, ensure_ascii=False)
-    if isinstance(reply, News):
-        return json.dumps({"type": "news", "title": reply.title, "description": reply.description,
-                           "url": reply.url, "pic_url": reply.pic_url}, ensure_ascii=False)
-    return json.dumps({"type": "silent"})
+        data = {"type": "text", "content": reply.content}
+        field = "content"
+    elif isinstance(reply, News):
+        data = {"type": "news", "title": reply.title, "description": reply.description,
+                "url": reply.url, "pic_url": reply.pic_url}
+        field = "description"
+    else:
+        return json.dumps({"type": "silent"})
+    raw = json.dumps(data, ensure_ascii=False)
+    while max_bytes is not None and data[field] and len(raw.encode("utf-8")) > max_bytes:
+        # JSON escapes make the text longer than itself: cut in proportion, then check again.
+        text = data[field]
+        size, encoded = len(text.encode("utf-8")), len(json.dumps(text, ensure_ascii=False)
+                                                        .encode("utf-8"))
+        room = max_bytes - (len(raw.encode("utf-8")) - encoded)
+        data[field] = fit_bytes(text, max(min(size - 1, size * room // encoded), 0), "")
+        raw = json.dumps(data, ensure_ascii=False)
+    return raw
 
 
 def reply_from_json(raw: str | None) -> Reply:
@@ -296,6 +313,7 @@ class Webhook:
         self.routers = routers
         self.crypto = crypto_from_settings(settings)
         self.fast = FastPath(engine)
+        self.reply_max_bytes = settings.retention.reply_max_bytes
         # Whenever plain messages are accepted their signature leaves the body open, so every
         # delivery's pair is recorded: encrypted ones too, because in compatible mode the
         # plain `signature` of an encrypted delivery's URL is just as valid for a plain body.
@@ -516,8 +534,9 @@ class Webhook:
                 reply = handlers.dispatch(ctx, msg, self.routers)
             finally:
                 ctx.close()
+        stored = reply_to_json(reply, self.reply_max_bytes)
         claim = self.fast.store_reply(key=delivery.dedupe_key, openid=msg.openid,
-                                      reply_json=reply_to_json(reply), now=ctx.now,
+                                      reply_json=stored, now=ctx.now,
                                       notice_issue=ctx.deferred_notice, seal=seal,
                                       events=ctx.events if self.record_events else ())
         if claim.state == "done":  # WeChat's retry of a message answered before
@@ -544,5 +563,6 @@ class Webhook:
         reply = handlers.dispatch(ctx, msg, self.routers)
         if self.record_events:
             events.record_many(session, ctx.events)  # with the claim: a retry adds none
-        inbox.finish(session, key=delivery.dedupe_key, reply_json=reply_to_json(reply))
+        inbox.finish(session, key=delivery.dedupe_key,
+                     reply_json=reply_to_json(reply, self.reply_max_bytes))
         return reply, "ok"
