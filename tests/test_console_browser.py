@@ -1,0 +1,189 @@
+"""The operators' console in a real browser (Debian's Chromium, driven by Playwright) at a
+phone (375×812, WeChat's browser) and a desktop (1280×800), against the real app on a loopback
+port whose webhook subscribers talk to and whose customer-service messages go to the fake
+WeChat API: an operator opens the console from a link, and nobody else gets in — not a
+non-operator, not with an expired or a used link, not with a form whose CSRF token is gone.
+
+Skipped like tests/test_reader_browser.py when Playwright or Chromium is missing, unless
+``NEWSBOT_REQUIRE_BROWSER=1``. Screenshots are always saved (``NEWSBOT_SCREENSHOT_DIR``, else
+the session's temporary directory); the run's summary says where."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+from sqlmodel import select
+
+from storage.db import read_only
+from storage.models import ConsoleSession, OperatorAction
+from tests.conftest import OPERATOR
+from tests.console_browser_support import ConsoleSite, Shots, Tab, console_site, open_tab
+from tests.test_reader_browser import browser as browser  # the fixture, shared
+
+SCREENSHOT_DIR = os.environ.get("NEWSBOT_SCREENSHOT_DIR")  # read at import, as the others do
+STRANGER = "o_console_stranger_00001"
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory,
+          request: pytest.FixtureRequest) -> Iterator[Shots]:
+    base = Path(SCREENSHOT_DIR) if SCREENSHOT_DIR else (
+        tmp_path_factory.getbasetemp() / "console-screenshots")
+    made = Shots(base)
+    yield made
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if made.saved and reporter is not None:
+        reporter.write_line(f"\nconsole screenshots ({len(made.saved)}): {base}")
+
+
+@pytest.fixture
+def site(engine: Engine) -> Iterator[ConsoleSite]:
+    with console_site(engine) as made:
+        yield made
+
+
+@pytest.fixture(params=["phone", "desktop"])
+def tab(request: pytest.FixtureRequest, browser: Any, site: ConsoleSite,
+        shots: Shots) -> Iterator[Tab]:
+    with open_tab(browser, site, request.param, shots) as made:
+        yield made
+
+
+def _actions(engine: Engine) -> list[tuple[str, str, str]]:
+    with read_only(engine) as s:
+        rows = s.exec(select(OperatorAction).order_by(OperatorAction.id))  # type: ignore[arg-type]
+        return [(a.operator, a.action, a.result) for a in rows]
+
+
+def _sessions(engine: Engine) -> int:
+    with read_only(engine) as s:
+        return len(list(s.exec(select(ConsoleSession))))
+
+
+def log_in(tab: Tab, link: str | None = None) -> None:
+    """Open a one-time link (default: a fresh one for the operator) and land on the
+    dashboard, logged in."""
+    response = tab.goto(link or tab.site.link())
+    assert response is not None and response.status == 200, response and response.status
+    assert tab.page.url == tab.site.url + "/console/"
+    assert tab.page.locator("h1").inner_text() == "概览"
+    assert tab.page.locator("header .brand").inner_text() == "深潮周刊 后台"
+
+
+# -- getting in ---------------------------------------------------------------------------------
+
+def test_an_operator_opens_the_console_from_a_link(tab: Tab) -> None:
+    log_in(tab)
+    tab.shot("dashboard")
+    # The menu is reachable with a thumb on the phone, and every page of it opens.
+    links = tab.page.locator("header nav a")
+    assert links.count() >= 2
+    for box in (links.nth(i).bounding_box() for i in range(links.count())):
+        assert box is not None and box["height"] >= 30
+    for href in [links.nth(i).get_attribute("href") for i in range(links.count())]:
+        response = tab.goto(str(href))
+        assert response is not None and response.status == 200, href
+    tab.assert_clean()
+    cookie, = (c for c in tab.page.context.cookies() if c["name"] == "newsbot_console")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/console"
+
+
+def test_the_link_from_the_chat_opens_the_console(tab: Tab) -> None:
+    link = tab.site.chat_link(OPERATOR)
+    if link is None:
+        pytest.skip("#console does not answer with a link yet (the dashboard branch)")
+    assert link.startswith(tab.site.url + "/console/open?")
+    log_in(tab, link)
+    tab.shot("from-chat")
+    tab.assert_clean()
+    # A subscriber who is no operator gets no link for the same words.
+    assert tab.site.chat_link(STRANGER) is None
+
+
+def test_a_link_opens_once(tab: Tab, browser: Any, shots: Shots) -> None:
+    link = tab.site.link()
+    log_in(tab, link)
+    # Forwarded to someone else (or opened a second time), the link no longer works.
+    with open_tab(browser, tab.site, tab.device, shots) as other:
+        response = other.goto(link)
+        assert response is not None and response.status == 403
+        assert "只能打开一次" in other.text()
+        other.shot("used-link")
+        assert other.goto("/console/").status == 403
+    assert _sessions(tab.site.engine) == 1
+
+
+def test_a_non_operator_is_refused(tab: Tab) -> None:
+    response = tab.goto(tab.site.link(STRANGER))
+    assert response is not None and response.status == 403
+    assert tab.page.locator("h1").inner_text() == "无法登录"
+    assert "不是本号的运营者" in tab.text()
+    tab.shot("non-operator")
+    assert tab.goto("/console/").status == 403  # no session was started
+    assert "请先登录" in tab.text()
+    assert _sessions(tab.site.engine) == 0
+
+
+def test_an_expired_link_is_refused(tab: Tab) -> None:
+    response = tab.goto(tab.site.link(now=time.time() - 3600))
+    assert response is not None and response.status == 403
+    assert tab.page.locator("h1").inner_text() == "链接已过期"
+    assert "#console" in tab.text()  # says how to get a new one
+    tab.shot("expired-link")
+    assert tab.goto("/console/").status == 403
+    assert _sessions(tab.site.engine) == 0
+
+
+def test_an_edited_link_is_refused(tab: Tab) -> None:
+    link = tab.site.link().replace(f"u={OPERATOR}", f"u={OPERATOR}x")
+    response = tab.goto(link)
+    assert response is not None and response.status == 403
+    assert tab.page.locator("h1").inner_text() == "无法登录"
+    assert _sessions(tab.site.engine) == 0
+
+
+# -- CSRF ---------------------------------------------------------------------------------------
+
+def _submit_without_csrf(tab: Tab, form: str) -> Any:
+    """Submit ``form`` (a selector) with its hidden CSRF input removed, as a forged form
+    would arrive; the response to that POST."""
+    tab.page.locator(f"{form} input[name=csrf]").evaluate("i => i.remove()")
+    with tab.page.expect_response(lambda r: r.request.method == "POST") as posted:
+        tab.page.locator(f"{form} [type=submit]").first.click()
+    tab.page.wait_for_load_state()
+    return posted.value
+
+
+def test_a_post_without_the_csrf_token_is_refused(tab: Tab) -> None:
+    log_in(tab)
+    response = _submit_without_csrf(tab, "form.logout")
+    assert response.status == 403
+    assert tab.page.locator("h1").inner_text() == "操作被拒绝"
+    assert "表单已失效" in tab.text()
+    tab.shot("csrf-refused")
+    # Nothing was done: the session is still open, and the refusal is on the audit trail.
+    assert tab.goto("/console/").status == 200
+    assert _actions(tab.site.engine) == [(OPERATOR, "csrf:/console/logout", "refused")]
+    # The same form with its token logs out.
+    with tab.page.expect_response(lambda r: r.request.method == "POST") as posted:
+        tab.page.locator("form.logout [type=submit]").click()
+    assert posted.value.status == 200 and "已退出" in tab.text()
+    assert tab.goto("/console/").status == 403
+
+
+def test_a_request_without_the_token_is_refused(tab: Tab) -> None:
+    """A POST that carries the session's cookie but not its token (the page's CSP forbids
+    scripts from sending any, so it is sent beside the page, with the browser's cookies)."""
+    log_in(tab)
+    for form in ({}, {"csrf": "forged"}):
+        response = tab.page.request.post(tab.site.url + "/console/logout", form=form,
+                                         max_redirects=0)
+        assert response.status == 403 and "表单已失效" in response.text()
+    assert tab.goto("/console/").status == 200
+    assert _actions(tab.site.engine) == [(OPERATOR, "csrf:/console/logout", "refused")] * 2
