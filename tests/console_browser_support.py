@@ -78,8 +78,7 @@ def console_site(engine: Engine) -> Iterator[ConsoleSite]:
 
 @dataclass
 class Shots:
-    """Screenshots, always saved: under ``NEWSBOT_SCREENSHOT_DIR`` when set, else in the
-    test session's temporary directory; the paths are listed at the end of the run."""
+    """Screenshots, always saved in ``directory`` (named by viewport and step)."""
 
     directory: Path
     saved: list[Path] = field(default_factory=list)
