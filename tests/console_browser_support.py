@@ -140,3 +140,66 @@ def open_tab(browser: Any, site: ConsoleSite, device: str, shots: Shots) -> Iter
         yield tab
     finally:
         context.close()
+
+
+@dataclass
+class Tally:
+    """What the test sent, counted by the test: the numbers stats must show."""
+
+    followed: set[str] = field(default_factory=set)
+    unfollowed: set[str] = field(default_factory=set)
+    card_viewers: set[str] = field(default_factory=set)
+    excerpt_readers: set[str] = field(default_factory=set)
+    full_readers: set[str] = field(default_factory=set)
+    unlocked: set[str] = field(default_factory=set)
+    revenue: int = 0
+    credited: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def tokens_outstanding(self) -> int:
+        return sum(self.credited.values()) - self.revenue
+
+    @property
+    def active(self) -> set[str]:
+        return (self.followed | self.unfollowed | self.card_viewers | self.excerpt_readers
+                | self.full_readers | self.unlocked | set(self.credited))
+
+
+def make_traffic(site: ConsoleSite, *, price: int, import_issue: Any) -> Tally:
+    """A small week of the account, through the running server's webhook and reader pages:
+    five subscribers follow and one leaves; issue 1 is published; the operator tops up three
+    with ``#topup``; three ask for the card (one twice); two unlock it and one cannot afford
+    it; one opens the full text, one the excerpt."""
+    from bot.web.links import ReaderLinks
+
+    tally = Tally()
+    people = [f"o_console_reader_{i:05d}" for i in range(1, 6)]
+    for openid in people:  # before the issue is out, so the welcome shows no card
+        site.user(openid).event("subscribe")
+        tally.followed.add(openid)
+    site.user(people[4]).event("unsubscribe")
+    tally.unfollowed.add(people[4])
+    import_issue()
+    operator = site.user(OPERATOR)
+    for openid, amount in zip(people[:3], (200, 150, 50), strict=True):
+        reply = operator.send(f"#topup {openid} {amount} 线下转账")
+        assert "充值" in reply["content"], reply
+        tally.credited[openid] = amount
+    for openid in (people[0], people[1], people[2], people[0]):
+        site.user(openid).send("本周")
+        tally.card_viewers.add(openid)
+    for openid in people[:3]:
+        reply = site.user(openid).send("兑换 1")
+        said = " ".join(reply.get(k, "") for k in ("content", "title", "description"))
+        if tally.credited[openid] >= price:
+            assert f"兑换成功：扣除 {price} " in said, reply
+            tally.unlocked.add(openid)
+            tally.revenue += price
+        else:
+            assert "余额不足" in said, reply
+    links = ReaderLinks(site.settings)
+    for openid in (people[0], people[2]):
+        page = site.http.get(links.url(openid, 1).removeprefix(site.url))
+        assert page.status_code == 200
+        (tally.full_readers if openid in tally.unlocked else tally.excerpt_readers).add(openid)
+    return tally

@@ -10,6 +10,8 @@ Skipped like tests/test_reader_browser.py when Playwright or Chromium is missing
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import tempfile
 import time
@@ -20,15 +22,26 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 from sqlmodel import select
+from typer.testing import CliRunner
 
+from storage import ledger
 from storage.db import read_only
 from storage.models import ConsoleSession, OperatorAction
-from tests.conftest import OPERATOR
-from tests.console_browser_support import ConsoleSite, Shots, Tab, console_site, open_tab
+from tests.conftest import OPERATOR, SAMPLE_ISSUE, import_issue
+from tests.console_browser_support import (
+    ConsoleSite,
+    Shots,
+    Tab,
+    Tally,
+    console_site,
+    make_traffic,
+    open_tab,
+)
 from tests.test_reader_browser import browser as browser  # the fixture, shared
 
 SCREENSHOT_DIR = os.environ.get("NEWSBOT_SCREENSHOT_DIR")  # read at import, as the others do
 STRANGER = "o_console_stranger_00001"
+PRICE = 99  # issue 1 of the sample
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +181,52 @@ def test_a_post_without_the_csrf_token_is_refused(tab: Tab) -> None:
     assert posted.value.status == 200 and "已退出" in tab.text()
     assert tab.goto("/console/").status == 403
     assert _actions(tab.site.engine)[-1] == (OPERATOR, "logout", "ok")
+
+
+# -- the numbers ---------------------------------------------------------------------------------
+
+def _publish_sample(engine: Engine) -> Any:
+    return lambda: import_issue(engine, SAMPLE_ISSUE)
+
+
+def _expected(tally: Tally) -> dict[str, Any]:
+    """The parts of ``newsbot stats --json`` the test's own counts fix."""
+    return {
+        "issue": {"number": 1, "card_views": len(tally.card_viewers),
+                  "excerpt_opens": len(tally.excerpt_readers), "unlocks": len(tally.unlocked),
+                  "full_reads": len(tally.full_readers), "revenue_tokens": tally.revenue},
+        "week": {"follows": len(tally.followed), "unfollows": len(tally.unfollowed),
+                 "active_readers": len(tally.active), "new_payers": len(tally.unlocked),
+                 "repeat_payers": 0},
+        "tokens_outstanding": tally.tokens_outstanding,
+    }
+
+
+def test_traffic_is_what_the_test_counted(site: ConsoleSite) -> None:
+    """The test's own tally against the ledger and the event rows (before any stats code)."""
+    tally = make_traffic(site, price=PRICE, import_issue=_publish_sample(site.engine))
+    assert tally.tokens_outstanding == 400 - 2 * PRICE
+    with read_only(site.engine) as s:
+        balances = {o: ledger.get_balance(s, openid=o) for o in tally.credited}
+    assert sum(balances.values()) == tally.tokens_outstanding
+
+
+def test_stats_equal_what_the_test_sent(site: ConsoleSite, db_url: str,
+                                        tmp_path: Path) -> None:
+    if importlib.util.find_spec("storage.stats") is None:
+        pytest.skip("newsbot stats is not on main yet (the stats branch)")
+    tally = make_traffic(site, price=PRICE, import_issue=_publish_sample(site.engine))
+    config = tmp_path / "config.toml"
+    config.write_text(f'[wechat]\ntoken = "t"\n[database]\nurl = "{db_url}"\n'
+                      '[reader]\nsecret = "s-0123456789abcdef"\n', encoding="utf-8")
+    from bot.cli import app
+
+    result = CliRunner().invoke(app, ["--config", str(config), "stats", "--json"])
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.output)
+    want = _expected(tally)
+    issue, = (i for i in got["issues"] if i["number"] == 1)
+    assert {k: issue[k] for k in want["issue"]} == want["issue"]
+    week, = got["weeks"][-1:]
+    assert {k: week[k] for k in want["week"]} == want["week"]
+    assert got["tokens_outstanding"] == want["tokens_outstanding"]
