@@ -146,6 +146,7 @@ def open_tab(browser: Any, site: ConsoleSite, device: str, shots: Shots) -> Iter
 class Tally:
     """What the test sent, counted by the test: the numbers stats must show."""
 
+    seen: set[str] = field(default_factory=set)  # everyone who wrote to the account
     followed: set[str] = field(default_factory=set)
     unfollowed: set[str] = field(default_factory=set)
     card_viewers: set[str] = field(default_factory=set)
@@ -158,6 +159,10 @@ class Tally:
     @property
     def tokens_outstanding(self) -> int:
         return sum(self.credited.values()) - self.revenue
+
+    @property
+    def following(self) -> set[str]:
+        return self.seen - self.unfollowed
 
     @property
     def active(self) -> set[str]:
@@ -177,10 +182,12 @@ def make_traffic(site: ConsoleSite, *, price: int, import_issue: Any) -> Tally:
     for openid in people:  # before the issue is out, so the welcome shows no card
         site.user(openid).event("subscribe")
         tally.followed.add(openid)
+        tally.seen.add(openid)
     site.user(people[4]).event("unsubscribe")
     tally.unfollowed.add(people[4])
     import_issue()
     operator = site.user(OPERATOR)
+    tally.seen.add(OPERATOR)  # a subscriber row too, as anyone who writes
     for openid, amount in zip(people[:3], (200, 150, 50), strict=True):
         reply = operator.send(f"#topup {openid} {amount} 线下转账")
         assert "充值" in reply["content"], reply
