@@ -23,6 +23,7 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger as GunicornLogger
 
 from bot.app import create_app
+from bot.console.core import MAX_UPLOAD_BYTES as CONSOLE_MAX_UPLOAD_BYTES
 from bot.serving.worker import BufferingWorker
 from bot.settings import Settings
 from bot.wechat.webhook import MAX_BODY_BYTES
@@ -50,13 +51,16 @@ MAX_HEADER_BYTES = 32 * 1024
 
 class NewsbotWorker(BufferingWorker):
     """The buffering worker with newsbot's limits; the body limit is the webhook's, so an
-    oversized push is refused (413) before it is read."""
+    oversized push is refused (413) before it is read. Only the console's POSTs (an issue
+    file is ~80 KB) may send up to the console's own upload limit."""
 
     header_timeout_s = HEADER_TIMEOUT_S
     body_timeout_s = BODY_TIMEOUT_S
     write_timeout_s = WRITE_TIMEOUT_S
     max_header_bytes = MAX_HEADER_BYTES
     max_body_bytes = MAX_BODY_BYTES
+    upload_prefixes = (b"/console/",)
+    max_upload_bytes = CONSOLE_MAX_UPLOAD_BYTES
 
 
 class _RootLogger(GunicornLogger):  # type: ignore[misc]

@@ -478,6 +478,27 @@ def test_oversized_and_ambiguous_bodies_are_refused_before_they_are_read(
         assert_answered(timed_delivery(server, "o_framing_reader"), "delivery")
 
 
+def test_only_the_console_may_post_an_issue_file_sized_body(
+        tmp_path: Path, db_url: str, sample: int) -> None:
+    """An issue file (~80 KB) fits the console's upload limit, not the webhook's 64 KiB."""
+    from bot.console.core import MAX_UPLOAD_BYTES
+
+    def post(path: bytes, size: int) -> bytes:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(b"POST " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Content-Type: application/x-www-form-urlencoded\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % size
+                         + b"x" * min(size, 200_000))
+            return read_all(sock, timeout=5.0)
+
+    with serving(tmp_path, db_url) as [server]:
+        # Read whole and handed to the app, which refuses it for want of a session.
+        assert post(b"/console/issues/import", 100_000).startswith(b"HTTP/1.1 403 ")
+        assert post(b"/console/issues/import", MAX_UPLOAD_BYTES + 1).startswith(
+            b"HTTP/1.1 413 ")
+        assert post(b"/wechat", 100_000).startswith(b"HTTP/1.1 413 ")
+
+
 def test_keep_alive_and_pipelined_requests_are_answered_in_order(
         tmp_path: Path, db_url: str, sample: int) -> None:
     with serving(tmp_path, db_url) as [server]:

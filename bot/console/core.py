@@ -74,12 +74,14 @@ class Refused(Exception):
 @dataclass(frozen=True)
 class Done:
     """An action carried out: ``message`` is shown on the page ``redirect`` (default: the
-    page the form was on)."""
+    page the form was on). ``response``, when given, is sent instead of the redirect (a
+    download that exists only now, such as a new batch's codes)."""
 
     message: str
     target: str = ""
     detail: str | dict[str, Any] = ""
     redirect: str | None = None
+    response: bottle.HTTPResponse | None = None
 
 
 @dataclass
@@ -222,6 +224,8 @@ class Console:
                     return self._redirect(req, back, "操作失败（服务器出错），没有做任何更改。",
                                           ok=False)
                 self._audit(req, name, "ok", done.target, done.detail)
+                if done.response is not None:
+                    return done.response
                 return self._redirect(req, done.redirect or back, done.message, ok=True)
 
             self._routes.append((full, "POST", view))
@@ -299,6 +303,10 @@ class Console:
         req = ConsoleRequest(operator=found.openid, csrf=found.csrf, console=self, now=now)
         if posting:
             refusal = self._check_post(req)
+            if refusal == "body too large":
+                self._audit(req, f"upload:{bottle.request.path}"[:40], "refused", "", refusal)
+                return self._notice(413, "内容过大", f"一次最多上传 {MAX_UPLOAD_BYTES // 2**20} MB"
+                                    "。请分几次上传，或用 newsbot issue import 导入。")
             if refusal is not None:
                 self._audit(req, f"csrf:{bottle.request.path}"[:40], "refused", "", refusal)
                 return self._notice(403, "操作被拒绝", "表单已失效（可能是页面放置太久或来自"

@@ -107,6 +107,7 @@ class Conn:
     close_after_send: bool = False
     events: int = 0  # selector interest currently registered
     closed: bool = False
+    body_limit: int = 0  # of the current request: max_body_bytes, or the upload limit
 
 
 _date_cache: tuple[int, bytes] = (0, b"")
@@ -141,6 +142,9 @@ class BufferingWorker(Worker):  # type: ignore[misc]
     write_timeout_s = 10.0
     max_header_bytes = 32 * 1024
     max_body_bytes = 64 * 1024
+    # Paths that take file uploads (the console's issue import), and their larger limit.
+    upload_prefixes: tuple[bytes, ...] = ()
+    max_upload_bytes = 64 * 1024
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -345,7 +349,7 @@ class BufferingWorker(Worker):  # type: ignore[misc]
                     return
             elif isinstance(event, h11.Data):
                 conn.body += event.data
-                if len(conn.body) > self.max_body_bytes:
+                if len(conn.body) > conn.body_limit:
                     self._refuse(conn, 413, "body too large")
                     return
             elif isinstance(event, h11.EndOfMessage):
@@ -361,7 +365,10 @@ class BufferingWorker(Worker):  # type: ignore[misc]
             self._refuse(conn, 400, "both Content-Length and Transfer-Encoding")
             return False
         declared = [v for n, v in request.headers if n == b"content-length"]
-        if declared and int(declared[0]) > self.max_body_bytes:
+        conn.body_limit = (self.max_upload_bytes if request.target.startswith(
+            self.upload_prefixes) else self.max_body_bytes) if self.upload_prefixes \
+            else self.max_body_bytes
+        if declared and int(declared[0]) > conn.body_limit:
             self._refuse(conn, 413, "body too large")
             return False
         self._enter(conn, Phase.BODY, self.body_timeout_s)
