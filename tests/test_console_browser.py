@@ -199,8 +199,12 @@ def test_stats_equal_what_the_test_sent(site: ConsoleSite, db_url: str,
     want = _expected(tally)
     issue, = (i for i in got["issues"] if i["number"] == 1)
     assert {k: issue[k] for k in want["issue"]} == want["issue"]
-    week, = got["weeks"][-1:]
-    assert {k: week[k] for k in want["week"]} == want["week"]
+    # Summed over the weeks, so a run across Monday midnight counts the same.
+    weeks = [w for w in got["weeks"] if w["active_readers"]]
+    week = {k: sum(w[k] for w in weeks) for k in want["week"]}
+    if len(weeks) > 1:  # distinct per week: not additive
+        week["active_readers"] = want["week"]["active_readers"]
+    assert week == want["week"]
     assert got["tokens_outstanding"] == want["tokens_outstanding"]
 
 
