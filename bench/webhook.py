@@ -16,6 +16,7 @@ WeChat sends them: newsbot refuses a signed (timestamp, nonce) reused with anoth
     python bench/webhook.py --baseline ../old    # rows b0/c0: another checkout, interleaved
     python bench/webhook.py --baseline ../old --side-by-side   # both at once, b/b0 per round
     python bench/webhook.py --replay-cost --rounds 20   # the replay check on/off, in process
+    python bench/webhook.py --events-cost --rounds 20   # event recording on/off, in process
 
 Targets: b/a ≥ 0.70 with b's p99 ≤ 10 ms at 16 connections; c/a ≥ 0.55.
 """
@@ -776,10 +777,24 @@ def run(args: argparse.Namespace) -> int:
 
 
 def replay_cost(args: argparse.Namespace) -> int:
-    """What the replay check costs, measured in one process on one database: the webhook
-    answers blocks of signed 本周 requests with the check on and off in turn (ABBA order), so
-    other work on a shared machine falls on both alike. CPU is this process's (SQLite runs
-    in it; PostgreSQL's own work is not counted, its round trips are in the wall time)."""
+    """What the replay check costs (see ``_on_off``)."""
+    return _on_off(args, "the replay check", "check", "newsbot-replay-",
+                   lambda hook, on: setattr(hook, "remember_pairs", on))
+
+
+def events_cost(args: argparse.Namespace) -> int:
+    """What recording the card view (storage.events, in the fast path's claim statement)
+    costs a 本周 from a known reader (see ``_on_off``)."""
+    return _on_off(args, "event recording", "events", "newsbot-events-",
+                   lambda hook, on: setattr(hook, "record_events", on))
+
+
+def _on_off(args: argparse.Namespace, what: str, short: str, prefix: str,
+            switch: Callable[[Any, bool], None]) -> int:
+    """What one feature costs, measured in one process on one database: the webhook answers
+    blocks of signed 本周 requests with it on and off in turn (ABBA order), so other work on a
+    shared machine falls on both alike. CPU is this process's (SQLite runs in it; PostgreSQL's
+    own work is not counted, its round trips are in the wall time)."""
     import logging
 
     import bottle
@@ -794,18 +809,18 @@ def replay_cost(args: argparse.Namespace) -> int:
         pg_admin, pg_note = None, "PostgreSQL skipped: --no-pg"
     print(_common.machine_line(pg_admin))
     print(f"in-process, one thread: {blocks} blocks of {size} signed 本周 requests from known "
-          "readers with the replay check on, as many with it off, interleaved")
+          f"readers with {what} on, as many with it off, interleaved")
     if pg_note:
         note(pg_note)
     devnull = open(os.devnull, "w")  # noqa: SIM115 (closed below)
     setup_logging("INFO", stream=devnull)
-    with tempfile.TemporaryDirectory(prefix="newsbot-replay-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         workdir = Path(tmp)
         dbs: list[tuple[str, Callable[[ExitStack], str]]] = [
-            ("SQLite", lambda st: f"sqlite:///{workdir}/replay.db")]
+            ("SQLite", lambda st: f"sqlite:///{workdir}/bench.db")]
         if pg_admin:
             dbs.append(("PostgreSQL", lambda st: st.enter_context(
-                _common.temp_pg_database(pg_admin, prefix="newsbot_replay"))))
+                _common.temp_pg_database(pg_admin, prefix="newsbot_onoff"))))
         for name, make_url in dbs:
             with ExitStack() as stack:
                 url = make_url(stack)
@@ -822,13 +837,15 @@ def replay_cost(args: argparse.Namespace) -> int:
                 wall: dict[bool, list[float]] = {True: [], False: []}
                 for i in range(blocks):
                     for on in ((True, False) if i % 2 else (False, True)):
-                        hook.remember_pairs = on
+                        switch(hook, on)
                         wall[on].append(_time_app(app, size, 0, cpu[on]))
                 engine.dispose()
             per_block = [a / b for a, b in zip(cpu[True], cpu[False], strict=True)]
             med = statistics.median
-            print(f"{name}: check on {med(cpu[True]):,.0f} µs CPU / {med(wall[True]):,.0f} µs "
-                  f"wall per request, off {med(cpu[False]):,.0f} / {med(wall[False]):,.0f}: "
+            print(f"{name}: {short} on {med(cpu[True]):,.0f} µs CPU / {med(wall[True]):,.0f} µs "
+                  f"wall per request ({1e6 / med(wall[True]):,.0f} msgs/s), off "
+                  f"{med(cpu[False]):,.0f} / {med(wall[False]):,.0f} "
+                  f"({1e6 / med(wall[False]):,.0f} msgs/s): "
                   f"CPU on/off {med(cpu[True]) / med(cpu[False]):.3f}, wall on/off "
                   f"{med(wall[True]) / med(wall[False]):.3f} (per-block CPU ratio median "
                   f"{med(per_block):.3f})")
@@ -1332,6 +1349,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replay-cost", action="store_true",
                         help="in process: the replay check on and off in interleaved blocks "
                         "(--rounds blocks each), CPU and wall time per request")
+    parser.add_argument("--events-cost", action="store_true",
+                        help="in process: recording events (the card view of each 本周) on "
+                        "and off in interleaved blocks (--rounds blocks each), CPU and wall "
+                        "time per request")
     parser.add_argument("--side-by-side", action="store_true",
                         help="with --baseline: serve both checkouts at once (SQLite) and load "
                         "them together, half the connections each, so other work on the "
@@ -1363,6 +1384,8 @@ def main(argv: list[str] | None = None) -> int:
         return profile(args)
     if args.replay_cost:
         return replay_cost(args)
+    if args.events_cost:
+        return events_cost(args)
     if args.side_by_side:
         if not args.baseline:
             parser.error("--side-by-side needs --baseline DIR")

@@ -485,7 +485,9 @@ class Settings(_Section):
                 freeze_minutes=self.codes.freeze_minutes),
             pay_packages=tuple(PayPackageOffer(p.id, p.label, p.tokens, p.price_fen)
                                for p in (self.pay.packages if self.pay is not None else ())),
-            inbox_max_chars=self.inbox.max_chars)
+            inbox_max_chars=self.inbox.max_chars,
+            console_link_minutes=self.console.link_minutes,
+            console_session_hours=self.console.session_hours)
 
     def missing_secrets(self, *, need_api: bool = False) -> list[str]:
         """Keys that must be set before serving, each with a hint on how to set it."""

@@ -1,6 +1,6 @@
 """The chat features, in the order they are tried. Operator commands come first so a ``#…``
-from an operator is never mistaken for ordinary text; the help module's fallback comes last so
-every message gets an answer."""
+from an operator is never mistaken for ordinary text; the inbox takes the free text no command
+took, and the help module's fallback comes last so every message gets an answer."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from handlers import (
     codes,
     gifts,
     help,
+    inbox,
     issue,
     passes,
     preview,
@@ -35,6 +36,8 @@ ROUTERS: tuple[Router, ...] = (
     balance.router,
     passes.router,
     help.router,
+    inbox.router,  # free text no command took
+    help.fallback_router,  # the hint for what is left (non-text, events)
 )
 
 

@@ -15,7 +15,8 @@ from storage.ledger import CreditKind
 router = Router("admin")
 
 USAGE = (
-    "用法：\n#topup OPENID 数量 原因\n#adjust OPENID 增减量 原因\n#user OPENID"
+    "用法：\n#topup OPENID 数量 原因\n#adjust OPENID 增减量 原因\n#user OPENID\n"
+    "#console（打开运营后台）"
 )
 
 
@@ -81,6 +82,19 @@ def user(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
         lines.append("最近记录：")
         lines += [ledger_line(e, ctx.unit) for e in entries]
     return Text("\n".join(lines))
+
+
+@router.command(r"#console\s*", operators=True)
+def console(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
+    """A one-time link to the web console, bound to the operator who asked for it."""
+    if ctx.console_link is None:
+        return Text("运营后台在这里不可用（未启用网页后台），请在服务器上用 newsbot 命令操作。")
+    link = ctx.console_link(msg.openid)
+    minutes = ctx.config.console_link_minutes
+    hours = ctx.config.console_session_hours
+    return Text(f"运营后台登录链接（仅限本人使用）：\n{link}\n\n"
+                f"链接只能打开一次，{minutes} 分钟内有效；打开后登录保持 {hours} 小时。"
+                "请勿转发。过期后再发送 #console 获取新链接。")
 
 
 @router.command(r"#.*", operators=True)

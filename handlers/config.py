@@ -58,6 +58,8 @@ class ChatConfig:
     # [[pay.packages]]; empty when [pay] is not set, and then no reply mentions payments.
     pay_packages: tuple[PayPackageOffer, ...] = ()
     inbox_max_chars: int = 2000  # [inbox] max_chars: a longer message is stored cut
+    console_link_minutes: int = 15  # [console] link_minutes: what the #console reply says
+    console_session_hours: int = 10  # [console] session_hours
 
     @property
     def pay_enabled(self) -> bool:

@@ -1,4 +1,5 @@
-"""帮助, and the fallback that makes sure no message is met with silence."""
+"""帮助, and the fallback that makes sure no message is met with silence (人工 and free text
+are handlers.inbox's, tried just before)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from handlers.config import ChatConfig
 from handlers.router import Context, Incoming, Reply, Router, Silent, Text, reads_only
 
 router = Router("help")
+# Tried last, after handlers.inbox has taken the free text: what is left gets the hint.
+fallback_router = Router("help-fallback")
 
 HELP = """📮 可用指令
 本周 — 本期话题与价格
@@ -41,9 +44,6 @@ def selling_lines(config: ChatConfig) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-HUMAN = ("好的。编辑会看这里的留言并回复你：请把你的问题直接写在下一条消息里"
-         "（一条说清楚最好），我们会尽快答复。")
-
 HINT = "没太明白你的意思 🙂 回复「帮助」查看可用指令，回复「本周」看本期内容。"
 
 
@@ -54,13 +54,7 @@ def show_help(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply
     return Text(HELP.format(unit=ctx.unit, selling=selling_lines(ctx.config)))
 
 
-@router.command(r"(?:转|找|联系)?(?:人工|真人|客服|编辑|编辑部)(?:客服|服务)?[?!.。~]*|human")
-@reads_only
-def ask_for_a_person(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
-    return Text(HUMAN)
-
-
-@router.message()
+@fallback_router.message()
 @reads_only
 def fallback(ctx: Context, msg: Incoming, match: re.Match[str] | None) -> Reply:
     if msg.msg_type == "event" and msg.event not in ("click", "scan"):

@@ -9,7 +9,7 @@ from handlers.format import fit_bytes, issue_card, issue_heading
 from handlers.numbers import ISSUE_NUMBER
 from handlers.router import Context, Incoming, Reply, Router, Text, issue_arg, reads_only
 from handlers.selling import ways_for
-from storage import issues, ledger
+from storage import events, issues, ledger
 from storage.errors import UnknownIssue, UnknownSubscriber
 
 router = Router("issue")
@@ -18,7 +18,8 @@ ARCHIVE_PAGE_SIZE = 10
 
 
 def card_for(ctx: Context, openid: str, number: int | None, *, lead: str = "") -> str:
-    """The card of issue ``number`` (None = current) as seen by ``openid``."""
+    """The card of issue ``number`` (None = current) as seen by ``openid``, noted as a card
+    view (stored with the delivery: a retry of the message adds none)."""
     if number is None:
         preview = ctx.current_issue()
         if preview is None:
@@ -29,11 +30,13 @@ def card_for(ctx: Context, openid: str, number: int | None, *, lead: str = "") -
     standing = ctx.standing(openid, preview.number)
     if not standing.known:
         raise UnknownSubscriber(openid)
-    return issue_card(preview, unit=ctx.unit, balance=standing.balance,
+    card = issue_card(preview, unit=ctx.unit, balance=standing.balance,
                       unlocked=standing.unlocked, lead=lead,
                       link=ctx.make_link(openid, preview.number) if preview.is_free else None,
                       how_to_get=ways_for(ctx, openid, preview.number),
                       pass_note=None if preview.is_free else passes.covering_note(ctx, standing))
+    ctx.note_event(events.CARD, openid=openid, issue_number=preview.number)
+    return card
 
 
 @router.command(r"本周|最新|latest|本期|this week")

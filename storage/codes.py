@@ -51,7 +51,7 @@ from sqlalchemy.orm import configure_mappers
 from sqlalchemy.orm.instrumentation import manager_of_class
 from sqlmodel import Session, col, select
 
-from storage import ledger, passes
+from storage import events, ledger, passes
 from storage.coverage import covered_clause
 from storage.errors import DomainError, IdempotencyConflict, UnknownSubscriber
 from storage.models import (
@@ -60,6 +60,7 @@ from storage.models import (
     CodeFreeze,
     CodeRedemption,
     Entitlement,
+    Event,
     Issue,
     LedgerEntry,
     PassPeriod,
@@ -95,6 +96,7 @@ _FREEZE: Table = CodeFreeze.__table__  # type: ignore[attr-defined]
 _ENT: Table = Entitlement.__table__  # type: ignore[attr-defined]
 _SUB: Table = Subscriber.__table__  # type: ignore[attr-defined]
 _ENTRY: Table = LedgerEntry.__table__  # type: ignore[attr-defined]
+_EVENT: Table = Event.__table__  # type: ignore[attr-defined]
 
 
 class InvalidBatch(DomainError):
@@ -439,13 +441,27 @@ _PG_CREDIT = (
     .returning(_SUB.c.id, _SUB.c.balance)
     .cte("credit")
 )
-# Outer joins: a claim whose entry, use or credit went missing must show up, not vanish.
+
+
+def _pg_event(name: str, kind: str, detail: str) -> Any:
+    """The redemption's event (storage.events), written only with the use."""
+    values = {"at": _P_NOW, "kind": literal(kind, String()), "openid": _P_OPENID,
+              "detail": literal(detail, String()), "amount": _P_TOKENS}
+    return (insert(_EVENT).from_select(list(values),
+                                       sa_select(*values.values()).select_from(_PG_USE))
+            .cte(name))
+
+
+# Outer joins: a claim whose entry, use or credit went missing must show up, not vanish. The
+# events' CTEs are not selected from: PostgreSQL runs a writing CTE all the same.
 _PG_REDEEM = (
     sa_select(_PG_CLAIM.c.id, _PG_ENTRY.c.id.label("entry_id"), _PG_ENTRY.c.balance_after,
               _PG_USE.c.id.label("use_id"), _PG_CREDIT.c.id.label("sub_id"),
               _PG_CREDIT.c.balance)
     .select_from(_PG_CLAIM.outerjoin(_PG_ENTRY, true()).outerjoin(_PG_USE, true())
                  .outerjoin(_PG_CREDIT, true()))
+    .add_cte(_pg_event("code_event", events.CODE, "tokens"),
+             _pg_event("topup_event", events.TOPUP, "code"))
 )
 
 
@@ -634,8 +650,10 @@ def _grant(session: Session, *, openid: str, found: _Found, key: str, now: datet
             if credit.replayed:  # the key credited another code already: undo this claim
                 raise IdempotencyConflict(key, f"code credit #{credit.entry.id}")
             conn.execute(insert(_USE).values(**use, ledger_entry_id=credit.entry.id))
+            _record(session, batch, openid=openid, now=now)
             return CodeOutcome("granted", credit.balance, batch=batch, tokens=batch.tokens)
         use_id = int(conn.execute(insert(_USE).values(**use).returning(_USE.c.id)).scalar_one())
+        _record(session, batch, openid=openid, now=now)
         if batch.kind == "issue":
             conn.execute(insert(_ENT).values(openid=openid, issue_number=batch.issue_number,
                                              ledger_entry_id=None, code_redemption_id=use_id,
@@ -647,6 +665,21 @@ def _grant(session: Session, *, openid: str, found: _Found, key: str, now: datet
                                source="gift" if batch.giver else "code", key=f"code:{use_id}",
                                now=now, code_redemption_id=use_id, reason=_reason(batch))
         return CodeOutcome("granted", balance, batch=batch, period=granted.period)
+
+
+def _record(session: Session, batch: CodeBatch, *, openid: str, now: datetime) -> None:
+    """The redemption's events, in its savepoint: the code, and the unlock or top-up it gave
+    (a gift's pass is only the code: storage.events has no event for a pass not bought)."""
+    how = "gift" if batch.giver else "code"
+    rows = [events.row(events.CODE, openid=openid, at=now, issue_number=batch.issue_number,
+                       detail="gift" if batch.giver else batch.kind, amount=batch.tokens)]
+    if batch.kind == "tokens":
+        rows.append(events.row(events.TOPUP, openid=openid, at=now, detail=how,
+                               amount=batch.tokens))
+    elif batch.kind == "issue":
+        rows.append(events.row(events.UNLOCK, openid=openid, at=now,
+                               issue_number=batch.issue_number, detail=how))
+    events.record_many(session, rows)
 
 
 def _reason(batch: CodeBatch) -> str:

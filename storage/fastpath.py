@@ -6,8 +6,9 @@ messages are accepted, its signed timestamp and nonce: see storage.replay). Thro
 SQLAlchemy those cost ~240 µs per message on SQLite, most of it building execution contexts
 and transactions; on the driver they cost ~55 µs. On PostgreSQL each runs as its own
 autocommitted statement, so a message makes 3 round trips instead of 7 (BEGIN, statements,
-COMMIT/ROLLBACK for two transactions); the signed pair joins the claim's statement there (a
-CTE) and its transaction on SQLite. Everything else in newsbot goes through SQLAlchemy.
+COMMIT/ROLLBACK for two transactions); the signed pair and the message's events (the card
+shown: storage.events) join the claim's statement there (CTEs that only write when the claim
+did) and its transaction on SQLite. Everything else in newsbot goes through SQLAlchemy.
 
 Reads run on the engine's read-only twin (storage.db), which the database itself keeps from
 writing; the claim runs on the writer engine, queued on SQLite's write gate like any writer.
@@ -17,7 +18,7 @@ The SQL is plain enough for both dialects; only the parameter style differs.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -61,9 +62,41 @@ _PG_SEALED_CLAIM = (
 )
 _NAMED = re.compile(r":(\w+)")
 
+# The message's events (storage.events rows), inserted only when the claim is new: a WeChat
+# retry of the message finds it claimed and adds none. Event i binds e{i}_<column>; the casts
+# type the NULLs PostgreSQL cannot infer through an INSERT … SELECT.
+_EVENT_COLUMNS = ("at", "kind", "openid", "issue_number", "detail", "amount")
+_EVENT_INTO = "INSERT INTO event (" + ", ".join(_EVENT_COLUMNS) + ")"
+_STATEMENTS["event"] = (_EVENT_INTO + " VALUES (:at, :kind, :openid,"
+                        " CAST(:issue_number AS INTEGER), :detail, CAST(:amount AS BIGINT))")
+
+
+def _event_ctes(count: int) -> str:
+    """``, ev0 AS (…), ev1 AS (…)``: each event's INSERT, written only if ``claim`` was."""
+    return "".join(
+        f", ev{i} AS ({_EVENT_INTO} SELECT :e{i}_at, :e{i}_kind, :e{i}_openid,"
+        f" CAST(:e{i}_issue_number AS INTEGER), :e{i}_detail, CAST(:e{i}_amount AS BIGINT)"
+        " WHERE EXISTS (SELECT 1 FROM claim))" for i in range(count))
+
+
+def _pg_claim_with_events(count: int) -> str:
+    """PostgreSQL: the claim and its events in one autocommitted statement."""
+    return _NAMED.sub(r"%(\1)s", "WITH claim AS (" + _STATEMENTS["claim"] + ")"
+                      + _event_ctes(count) + " SELECT EXISTS (SELECT 1 FROM claim)")
+
+
+def _pg_sealed_claim(count: int) -> str:
+    """PostgreSQL: the signed pair, the claim and its events in one statement."""
+    head, tail = _PG_SEALED_CLAIM.split(" SELECT EXISTS (SELECT 1 FROM seal), ")
+    return _NAMED.sub(r"%(\1)s", head + _event_ctes(count)
+                      + " SELECT EXISTS (SELECT 1 FROM seal), " + tail)
+
 
 class NoticeTaken(Exception):
     """Another message of the same reader recorded the new-issue notice first."""
+
+
+_PG_EVENT_VARIANTS = 5
 
 
 @dataclass(frozen=True)
@@ -75,7 +108,10 @@ class _Dialect:
 def _dialect(engine: Engine) -> _Dialect:
     if engine.dialect.name == "postgresql":  # psycopg: %(name)s
         sql = {k: _NAMED.sub(r"%(\1)s", v) for k, v in _STATEMENTS.items()}
-        sql["sealed_claim"] = _NAMED.sub(r"%(\1)s", _PG_SEALED_CLAIM)
+        # A message notes at most a card or two: the CTE statements for up to four events.
+        for count in range(_PG_EVENT_VARIANTS):
+            sql[f"sealed_claim/{count}"] = _pg_sealed_claim(count)
+            sql[f"claim/{count}"] = _pg_claim_with_events(count)
     else:  # sqlite3 takes :name as it is
         sql = dict(_STATEMENTS)
     column_type = InboundMessage.__table__.c.created_at.type  # type: ignore[attr-defined]
@@ -109,18 +145,26 @@ class FastPath:
     # -- the write ---------------------------------------------------------------------------
 
     def store_reply(self, *, key: str, openid: str, reply_json: str, now: datetime,
-                    notice_issue: int | None = None, seal: Seal | None = None) -> Claim:
-        """Claim the delivery with its reply (and record the new-issue notice and the signed
-        pair, atomically with it). ``done`` with the first reply when WeChat's retry finds the
-        message answered; NoticeTaken (nothing stored) when a concurrent message recorded the
-        notice first; Replayed (nothing stored) when the pair came with another message."""
+                    notice_issue: int | None = None, seal: Seal | None = None,
+                    events: Sequence[Mapping[str, object]] = ()) -> Claim:
+        """Claim the delivery with its reply (and record the new-issue notice, the signed
+        pair and the message's ``events`` (storage.events rows), atomically with it). ``done``
+        with the first reply when WeChat's retry finds the message answered (its events are
+        not recorded again); NoticeTaken (nothing stored) when a concurrent message recorded
+        the notice first; Replayed (nothing stored) when the pair came with another message."""
         params = {"key": key, "openid": openid, "reply": reply_json,
                   "now": self._d.timestamp(now), "issue": notice_issue}
         if seal is not None:
             params |= {"ts": seal.timestamp, "nonce": seal.nonce, "body": seal.body_sha256}
-        if seal is not None and notice_issue is None and self._postgres:
+        # On PostgreSQL the events ride in the claim's statement (one round trip) unless a
+        # notice needs a transaction anyway, or a message noted more than we prepared for.
+        in_statement = (self._postgres and notice_issue is None
+                        and len(events) < _PG_EVENT_VARIANTS)
+        if in_statement:
+            params |= self._event_params(events)
+        if seal is not None and in_statement:
             with self._writer(atomic=False) as cur:
-                cur.execute(self._d.sql["sealed_claim"], params)
+                cur.execute(self._d.sql[f"sealed_claim/{len(events)}"], params)
                 new_pair, claimed = cur.fetchone()
                 if claimed:
                     return Claim("new")
@@ -128,7 +172,14 @@ class FastPath:
                     return self._stored(cur, params)
                 self._check_sealed(cur, params)  # an old pair: a retry, or refused
             seal = None  # the same message again: claim it (or find its reply) as usual
-        atomic = notice_issue is not None or seal is not None
+        if in_statement and events:
+            with self._writer(atomic=False) as cur:
+                cur.execute(self._d.sql[f"claim/{len(events)}"], params)
+                if cur.fetchone()[0]:
+                    return Claim("new")
+                return self._stored(cur, params)
+        separate = () if in_statement else events
+        atomic = notice_issue is not None or seal is not None or bool(separate)
         with storage_db.write_gate(self.engine), self._writer(atomic=atomic) as cur:
             if seal is not None:
                 cur.execute(self._d.sql["seal"], params)
@@ -136,12 +187,23 @@ class FastPath:
                     self._check_sealed(cur, params)
             cur.execute(self._d.sql["claim"], params)
             if cur.fetchone() is None:
-                return self._stored(cur, params)
+                return self._stored(cur, params)  # a retry: its events were recorded
             if notice_issue is not None:
                 cur.execute(self._d.sql["notice"], params)
                 if cur.fetchone() is None:
                     raise NoticeTaken
+            if separate:
+                cur.executemany(self._d.sql["event"], [self._event_row(e) for e in separate])
             return Claim("new")
+
+    def _event_row(self, event: Mapping[str, object]) -> dict[str, object]:
+        at = event["at"]
+        assert isinstance(at, datetime)
+        return {c: event.get(c) for c in _EVENT_COLUMNS} | {"at": self._d.timestamp(at)}
+
+    def _event_params(self, events: Sequence[Mapping[str, object]]) -> dict[str, object]:
+        return {f"e{i}_{c}": v for i, e in enumerate(events)
+                for c, v in self._event_row(e).items()}
 
     def _stored(self, cur: Any, params: dict[str, Any]) -> Claim:
         cur.execute(self._d.sql["stored_reply"], params)

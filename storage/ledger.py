@@ -35,7 +35,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 from sqlmodel import Session, col, select, update
 
-from storage import audit
+from storage import audit, events
 from storage.audit import Mismatch
 from storage.coverage import covered_clause
 from storage.errors import (
@@ -44,7 +44,7 @@ from storage.errors import (
     InvalidAmount,
     UnknownSubscriber,
 )
-from storage.models import Entitlement, Issue, LedgerEntry, Subscriber, utcnow
+from storage.models import Entitlement, Event, Issue, LedgerEntry, Subscriber, utcnow
 from storage.sql import scalar
 
 CreditKind = Literal["topup", "adjust"]
@@ -135,8 +135,11 @@ def credit(
                             problem="over_limit", amount=amount, limit=max_topup)
     if not reason.strip():
         raise InvalidAmount("a reason is required", problem="no_reason")
-    return post(session, openid=openid, amount=amount, kind=kind, key=key, reason=reason,
-                operator=operator, same_reason=True)
+    result = post(session, openid=openid, amount=amount, kind=kind, key=key, reason=reason,
+                  operator=operator, same_reason=True)
+    if kind == "topup" and not result.replayed:  # an adjustment is a correction, not a top-up
+        events.record(session, events.TOPUP, openid=openid, detail="operator", amount=amount)
+    return result
 
 
 EntryKind = Literal["topup", "adjust", "redeem", "code", "pass", "gift", "refund", "pay",
@@ -211,6 +214,7 @@ _SUB_T: Table = Subscriber.__table__  # type: ignore[attr-defined]
 _ENTRY_T: Table = LedgerEntry.__table__  # type: ignore[attr-defined]
 _ENT_T: Table = Entitlement.__table__  # type: ignore[attr-defined]
 _ISSUE_T: Table = Issue.__table__  # type: ignore[attr-defined]
+_EVENT_T: Table = Event.__table__  # type: ignore[attr-defined]
 
 
 def has_entitlement(session: Session, *, openid: str, issue_number: int) -> bool:
@@ -287,11 +291,21 @@ _PG_GRANT = (
     .returning(_ENT_T.c.id)
     .cte("granted")
 )
+# The unlock's event (storage.events), written only with the entitlement.
+_UNLOCK_EVENT = {"at": _P_NOW, "kind": literal(events.UNLOCK, String()), "openid": _P_OPENID,
+                 "issue_number": _P_ISSUE, "detail": literal("tokens", String()),
+                 "amount": _P_PRICE}
+_PG_EVENT = (
+    insert(_EVENT_T)
+    .from_select(list(_UNLOCK_EVENT), sa_select(*_UNLOCK_EVENT.values()).select_from(_PG_GRANT))
+    .cte("unlock_event")
+)
 # Outer joins: a claimed entry whose debit or grant went missing must show up, not vanish.
 _PG_REDEEM = (
     sa_select(_PG_CLAIM.c.id, _PG_CLAIM.c.balance_after, _PG_DEBIT.c.id.label("sub_id"),
               _PG_DEBIT.c.balance, _PG_GRANT.c.id.label("grant_id"))
     .select_from(_PG_CLAIM.outerjoin(_PG_DEBIT, true()).outerjoin(_PG_GRANT, true()))
+    .add_cte(_PG_EVENT)  # not selected from: PostgreSQL runs a writing CTE all the same
 )
 
 # SQLite: the same three writes as separate statements inside a savepoint.
@@ -308,15 +322,18 @@ _ENTRY = insert(_ENTRY_T).values(
 ).returning(_ENTRY_T.c.id)
 _GRANT = insert(_ENT_T).values(openid=_P_OPENID, issue_number=_P_ISSUE,
                                ledger_entry_id=bindparam("p_entry_id"), created_at=_P_NOW)
+_EVENT = insert(_EVENT_T).values(**_UNLOCK_EVENT)
 
 
 def redeem(
     session: Session, *, openid: str, issue_number: int, price: int, key: str
 ) -> RedeemResult:
     """Debit ``price`` and grant the entitlement in one step; already unlocked costs nothing.
+    The unlock is recorded as an event (storage.events) with the entitlement; one a pass
+    covers, each time it is asked for (nothing else is written then).
 
     Two statements on PostgreSQL (the locking read, then one statement that writes the entry,
-    the debit and the entitlement) instead of nine; see docs/benchmarks.md §3."""
+    the debit, the entitlement and the event) instead of nine; see docs/benchmarks.md §3."""
     if session.autoflush:  # as an ORM query would: our Core statements must see pending objects
         session.flush()
     if price == 0:
@@ -330,6 +347,9 @@ def redeem(
     for _ in range(3):
         ready = _redeem_state(session, conn, params)
         if isinstance(ready, RedeemResult):
+            if ready.status == "pass":
+                events.record(session, events.UNLOCK, openid=openid, at=now,
+                              issue_number=issue_number, detail="pass")
             return ready
         if postgres:
             row = conn.execute(_PG_REDEEM, params).first()
@@ -350,6 +370,7 @@ def redeem(
                     entry_id = int(conn.execute(
                         _ENTRY, params | {"p_balance_after": balance}).scalar_one())
                     conn.execute(_GRANT, params | {"p_entry_id": entry_id})
+                    conn.execute(_EVENT, params)
             except IntegrityError:
                 continue  # rolled back to the savepoint; the next read says who won
         sync_balance(session, int(sub_id), balance)

@@ -488,8 +488,9 @@ class InboxReply(SQLModel, table=True):
 
 
 class InboxNotice(SQLModel, table=True):
-    """One chat notice to the operators about new inbox messages. ``slot`` (minutes since the
-    epoch // ``[inbox] notify_every_minutes``) is unique, so many processes send it once."""
+    """One chat notice to the operators about new inbox messages. ``slot`` is the previous
+    notice's slot + 1 and unique, so of many schedulers racing for the next notice one wins
+    (a slot from the clock would let two on either side of a boundary both send)."""
 
     __tablename__ = "inbox_notice"
 

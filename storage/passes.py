@@ -19,7 +19,7 @@ from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from storage import ledger
+from storage import events, ledger
 from storage.coverage import covered_clause, period_end
 from storage.errors import IdempotencyConflict, InvalidAmount
 from storage.models import Issue, LedgerEntry, PassPeriod, utcnow
@@ -197,6 +197,8 @@ def buy(
                         key=key, now=now, ledger_entry_id=paid.entry.id)
         if granted.replayed:  # cannot happen under the lock; never keep a debit without it
             raise IdempotencyConflict(key, f"pass period #{granted.period.id}")
+        events.record(session, events.PASS, openid=openid, at=now, detail=pass_id,
+                      amount=price)
     return PassPurchase(granted.period, paid.entry, paid.balance, replayed=False)
 
 

@@ -29,7 +29,7 @@ from sqlalchemy import select as sa_select
 from sqlalchemy import update as sa_update
 from sqlmodel import Session, col, select
 
-from storage import ledger
+from storage import events, ledger
 from storage.errors import DomainError, InsufficientBalance, UnknownSubscriber
 from storage.models import Issue, PayOrder, PayRefund, utcnow
 from storage.subscribers import ensure_subscriber, lock_subscriber
@@ -401,6 +401,7 @@ def settle(session: Session, *, out_trade_no: str, transaction: TransactionLike,
         credit = _credit(session, order, at)
         if credit.replayed:  # claimed twice? the ledger key still credits once
             return Settlement(_read_order(session, out_trade_no), "already")
+        _record_topup(session, order, at)
         assert credit.entry.id is not None
         entry_id, balance = credit.entry.id, credit.balance
         _set(session, out_trade_no, where_status=None, credit_entry_id=entry_id)
@@ -421,8 +422,9 @@ def settle(session: Session, *, out_trade_no: str, transaction: TransactionLike,
 # endpoint's hot path; docs/benchmarks.md §6). The claim draws the entry's id from the
 # ledger's sequence so the order points at its credit without a second UPDATE of the row. The
 # balance moves only if the claim changed the order, and the entry hangs off the balance
-# update, so balance_after is the balance under the row lock. If the subscriber row is
-# missing, the claim returns but nothing else does and the caller falls back.
+# update, so balance_after is the balance under the row lock; the top-up's event
+# (storage.events) hangs off the entry. If the subscriber row is missing, the claim returns
+# but nothing else does and the caller falls back.
 _PG_SETTLE = text("""
 WITH claim AS (
     UPDATE pay_order SET status = 'paid', paid_at = :paid_at, transaction_id = :transaction_id,
@@ -441,6 +443,9 @@ WITH claim AS (
            moved.balance, :paid_at
     FROM claim, moved
     RETURNING id, balance_after
+), topup_event AS (
+    INSERT INTO event (at, kind, openid, detail, amount)
+    SELECT :paid_at, 'topup', claim.openid, 'pay', claim.tokens FROM claim, entry
 )
 SELECT claim.credit_entry_id AS claimed, entry.id AS entry_id, entry.balance_after
 FROM claim LEFT JOIN entry ON true
@@ -463,9 +468,15 @@ def _pg_claim_and_credit(session: Session, order: PayOrder, paid: dict[str, Any]
     credit = _credit(session, order, at)
     if credit.replayed:
         raise RuntimeError(f"order {order.out_trade_no} claimed but already credited")
+    _record_topup(session, order, at)
     _set(session, order.out_trade_no, where_status=None, credit_entry_id=credit.entry.id)
     assert credit.entry.id is not None
     return credit.entry.id, credit.balance
+
+
+def _record_topup(session: Session, order: PayOrder, at: datetime) -> None:
+    events.record(session, events.TOPUP, openid=order.openid, at=at, detail="pay",
+                  amount=order.tokens)
 
 
 def _credit(session: Session, order: PayOrder, at: datetime) -> ledger.LedgerResult:

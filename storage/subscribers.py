@@ -61,6 +61,8 @@ def set_subscribed(session: Session, *, openid: str, subscribed: bool,
     values: dict[str, object] = {"subscribed": subscribed}
     values["subscribed_at" if subscribed else "unsubscribed_at"] = now
     session.execute(update(Subscriber).where(col(Subscriber.openid) == openid).values(**values))
+    if not subscribed:  # a follow records itself (follow), with its scene
+        events.record(session, events.UNFOLLOW, openid=openid, at=now)
 
 
 def follow(session: Session, *, openid: str, at: datetime | None = None,

@@ -379,7 +379,7 @@ def test_top_up_question(user: WeChatUser, engine: Engine, command: str) -> None
 @pytest.mark.parametrize("command", ["人工", "转人工", "人工客服", "客服", "找编辑"])
 def test_asking_for_a_person(user: WeChatUser, command: str) -> None:
     content = user.send(command)["content"]
-    assert "编辑会看这里的留言并回复你" in content
+    assert "编辑看到后会在这里回复你" in content
 
 
 def test_subscribe_and_unsubscribe_questions(user: WeChatUser, engine: Engine) -> None:

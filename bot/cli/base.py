@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import date, datetime, time
 from enum import StrEnum
 from importlib import metadata
 from pathlib import Path
@@ -209,6 +209,17 @@ def _zone(settings: Settings) -> ZoneInfo:
         return ZoneInfo(settings.broadcast.timezone)
     except (ZoneInfoNotFoundError, ValueError):  # the settings validator rules this out
         return ZoneInfo("UTC")
+
+
+def _since(raw: str | None, zone: ZoneInfo) -> datetime | None:
+    """``--since DATE``: the start of that day in ``zone``, or exit 2 saying what to give."""
+    if raw is None:
+        return None
+    try:
+        day = date.fromisoformat(raw.strip())
+    except ValueError:
+        _fail(f"--since must be a date like 2026-12-01, got {raw!r}", 2)
+    return datetime.combine(day, time(0), tzinfo=zone)
 
 
 def _iso(dt: datetime | None, zone: ZoneInfo) -> str | None:

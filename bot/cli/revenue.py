@@ -3,7 +3,6 @@ is still owed to readers, all read from the ledger (storage.revenue)."""
 
 from __future__ import annotations
 
-from datetime import date, datetime, time
 from typing import Annotated
 from zoneinfo import ZoneInfo
 
@@ -16,9 +15,9 @@ from bot.cli.base import (
     JsonOpt,
     _database,
     _dump,
-    _fail,
     _iso,
     _settings,
+    _since,
     _when,
     _zone,
     app,
@@ -33,16 +32,6 @@ from storage.revenue import BatchLine, Revenue
 SinceOpt = Annotated[str | None, typer.Option(
     "--since", metavar="DATE", help="Only flows from this day on (YYYY-MM-DD, a day in "
     "[broadcast] timezone). Outstanding tokens are always as of now.", show_default=False)]
-
-
-def _since(raw: str | None, zone: ZoneInfo) -> datetime | None:
-    if raw is None:
-        return None
-    try:
-        day = date.fromisoformat(raw.strip())
-    except ValueError:
-        _fail(f"--since must be a date like 2026-12-01, got {raw!r}", 2)
-    return datetime.combine(day, time(0), tzinfo=zone)
 
 
 @app.command("revenue")

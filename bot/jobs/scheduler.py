@@ -22,9 +22,12 @@ from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy import Engine
 
 from bot.jobs.broadcast import Messenger
+from bot.jobs.inbox_notice import InboxNoticeJob
 from bot.jobs.pay_sync import PaySyncJob
 from bot.jobs.weekly import run_weekly_job
 from bot.settings import Settings, cron_fields
+from bot.wechat.api import WeChatClient
+from bot.wechat.reply import CustomSender
 from storage.models import utcnow
 
 log = logging.getLogger("newsbot.scheduler")
@@ -32,6 +35,8 @@ log = logging.getLogger("newsbot.scheduler")
 JOB_ID = "weekly"
 PAY_SYNC_JOB_ID = "pay-sync"
 PAY_SYNC_EVERY_S = 60
+INBOX_NOTICE_JOB_ID = "inbox-notice"
+INBOX_NOTICE_EVERY_S = 60  # how often it looks; the notice itself waits notify_every_minutes
 
 
 def weekly_trigger(settings: Settings) -> CronTrigger:
@@ -53,7 +58,8 @@ def latest_fire_time(trigger: CronTrigger, now: datetime,
 class WeeklyScheduler:
     def __init__(self, settings: Settings, engine: Engine,
                  messenger_factory: Callable[[], Messenger], *, blocking: bool = False,
-                 now: Callable[[], datetime] = utcnow) -> None:
+                 now: Callable[[], datetime] = utcnow,
+                 notice_sender: Callable[[], CustomSender] | None = None) -> None:
         self.settings = settings
         self.engine = engine
         self.messenger_factory = messenger_factory
@@ -71,6 +77,16 @@ class WeeklyScheduler:
         if self.pay_sync is not None:
             self.scheduler.add_job(self.run_pay_sync, "interval", seconds=PAY_SYNC_EVERY_S,
                                    id=PAY_SYNC_JOB_ID, coalesce=True, max_instances=1)
+        # [operators]: a chat notice of new inbox messages (it needs the API's app secret).
+        self.inbox_notice = (
+            InboxNoticeJob(settings, engine, notice_sender or (
+                lambda: WeChatClient(settings.wechat, engine)), now=now)
+            if settings.operators.openids and not settings.missing_secrets(need_api=True)
+            else None)
+        if self.inbox_notice is not None:
+            self.scheduler.add_job(self.run_inbox_notice, "interval",
+                                   seconds=INBOX_NOTICE_EVERY_S, id=INBOX_NOTICE_JOB_ID,
+                                   coalesce=True, max_instances=1)
 
     def _on_error(self, event: JobExecutionEvent) -> None:
         log.error("scheduled job %s raised %r", event.job_id, event.exception)
@@ -97,6 +113,14 @@ class WeeklyScheduler:
             self.pay_sync.run()
         except Exception:  # logged; the next minute tries again
             log.exception("pay sync job failed")
+
+    def run_inbox_notice(self) -> None:
+        if self.inbox_notice is None:
+            return
+        try:
+            self.inbox_notice.run()
+        except Exception:  # logged; the next minute tries again
+            log.exception("inbox notice job failed")
 
     def catch_up(self) -> None:
         """Run a fire missed while the process was down (within the grace time)."""

@@ -28,8 +28,9 @@ from sqlalchemy import Engine
 from bot.settings import Settings
 from bot.web.links import READER_PREFIX, BadLink, ReaderLinks, check_fields
 from handlers.numbers import parse_int
+from storage import events
 from storage.content import render_html
-from storage.db import read_only
+from storage.db import read_only, run_in_transaction
 from storage.errors import UnknownIssue
 from storage.images import image_allowed
 from storage.issues import IssuePreview, IssueReading, neighbours, read_issue
@@ -508,6 +509,7 @@ class _ReaderApp:
             who,
             "full text" if reading.unlocked else "excerpt",
         )
+        self._record(openid, number, full=reading.unlocked)
         # Neighbours are linked with this link's own expiry, so browsing never extends it.
         def pager(issue: IssuePreview | None) -> PagerLink | None:
             if issue is None:
@@ -526,6 +528,17 @@ class _ReaderApp:
             image_hosts=self.image_hosts,
         )
         return self._respond(200, page)
+
+    def _record(self, openid: str, number: int, *, full: bool) -> None:
+        """The page opened, as an event for ``newsbot stats`` (one INSERT of its own: the page
+        itself only reads). Counting is not worth a reader's page: a failure is logged."""
+        kind = events.FULL if full else events.EXCERPT
+        try:
+            run_in_transaction(self.engine, lambda s: events.record(
+                s, kind, openid=openid, issue_number=number))
+        except Exception:
+            log.warning("recording the %s event of issue %s failed", kind, number,
+                        exc_info=True)
 
     def not_a_path(self, rest: str = "") -> Any:
         return self._respond(404, self.not_found(None))

@@ -52,6 +52,11 @@ ERRCODE_SYSTEM_BUSY: Final = -1
 ERRCODE_CLIENTMSGID_EXISTS: Final = 45065
 ERRCODE_CLIENTMSGID_TOO_FAST: Final = 45066
 ERRCODE_MASS_QUOTA: Final = 45028
+# Customer-service messages (message/custom/send): the account may not send them (unverified),
+# the subscriber's window has closed (or they unfollowed), the window's count is used up.
+ERRCODE_API_UNAUTHORIZED: Final = 48001
+ERRCODE_OUT_OF_TIME: Final = 45015
+ERRCODE_RESPONSE_COUNT: Final = 45047
 
 
 class WeChatError(Exception):

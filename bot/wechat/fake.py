@@ -68,10 +68,13 @@ ERRMSG: Final[dict[int, str]] = {
     45002: "content size out of limit",
     45009: "reach max api daily quota limit",
     45011: "api minute-quota reach limit, must slower retry next minute",
+    45015: "response out of time limit or subscription is canceled",
     45028: "has no masssend quota",
     45065: "clientmsgid exist",
+    45047: "out of response count limit",
     45066: "same clientmsgid retry too fast",
     47001: "data format error",
+    48001: "api unauthorized",
 }
 
 # WeChat does not decode \uXXXX escapes in message text; it shows them literally. Doubling the

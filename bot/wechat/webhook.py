@@ -26,6 +26,7 @@ from werobot.parser import parse_xml, process_message
 from werobot.replies import Article, ArticlesReply, TextReply
 
 import handlers
+from bot.console.links import ConsoleLinks
 from bot.settings import Settings
 from bot.web.links import PayLinks, ReaderLinks
 from bot.wechat.crypto import CryptoError, WeChatCrypto
@@ -42,7 +43,7 @@ from handlers.router import (
     Text,
     normalize,
 )
-from storage import inbox, replay, subscribers
+from storage import events, inbox, replay, subscribers
 from storage.db import read_only, run_in_transaction
 from storage.fastpath import FastPath, NoticeTaken
 from storage.models import utcnow
@@ -300,6 +301,9 @@ class Webhook:
         # plain `signature` of an encrypted delivery's URL is just as valid for a plain body.
         # Safe mode alone needs none of it (msg_signature covers the ciphertext).
         self.remember_pairs = self.crypto is None or settings.wechat.accept_plain
+        # What handlers noted (card views: storage.events) is stored with each delivery's
+        # claim; only bench/webhook.py --events-cost turns it off, to measure what it costs.
+        self.record_events = True
         self._purge_lock = threading.Lock()
         self._next_purge = 0.0
 
@@ -502,6 +506,7 @@ class Webhook:
             return None  # 兑换, follow/unfollow, operator commands, WeChat's reports …
         with self.fast.reading() as reads:
             ctx = Context(config=self.config, make_link=self.links, pay_link=self.pay_links,
+                          console_link=ConsoleLinks(self.settings),
                           key=delivery.idempotency_key, now=utcnow(), read_only=True,
                           fast=reads, open_session=lambda: read_only(self.engine))
             try:
@@ -513,7 +518,8 @@ class Webhook:
                 ctx.close()
         claim = self.fast.store_reply(key=delivery.dedupe_key, openid=msg.openid,
                                       reply_json=reply_to_json(reply), now=ctx.now,
-                                      notice_issue=ctx.deferred_notice, seal=seal)
+                                      notice_issue=ctx.deferred_notice, seal=seal,
+                                      events=ctx.events if self.record_events else ())
         if claim.state == "done":  # WeChat's retry of a message answered before
             return reply_from_json(claim.reply_json), "duplicate"
         return reply, "ok"
@@ -533,7 +539,10 @@ class Webhook:
         if msg.event not in SYSTEM_EVENTS:  # those come from WeChat itself, not a follower
             subscribers.ensure_subscriber(session, openid=msg.openid)
         ctx = Context(db=session, config=self.config, make_link=self.links,
-                      pay_link=self.pay_links, key=delivery.idempotency_key, now=utcnow())
+                      pay_link=self.pay_links, console_link=ConsoleLinks(self.settings),
+                      key=delivery.idempotency_key, now=utcnow())
         reply = handlers.dispatch(ctx, msg, self.routers)
+        if self.record_events:
+            events.record_many(session, ctx.events)  # with the claim: a retry adds none
         inbox.finish(session, key=delivery.dedupe_key, reply_json=reply_to_json(reply))
         return reply, "ok"

@@ -6,6 +6,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from bot.console.pages import audit, broadcasts, codes, home, issues, subscribers
+from bot.console.pages import audit, broadcasts, codes, home, inbox, issues, subscribers
 
-MODULES: tuple[ModuleType, ...] = (home, audit, issues, subscribers, codes, broadcasts)
+MODULES: tuple[ModuleType, ...] = (home, audit, issues, subscribers, codes, broadcasts, inbox)
