@@ -66,6 +66,7 @@ _NAMED = re.compile(r":(\w+)")
 # retry of the message finds it claimed and adds none. Event i binds e{i}_<column>; the casts
 # type the NULLs PostgreSQL cannot infer through an INSERT … SELECT.
 _EVENT_COLUMNS = ("at", "kind", "openid", "issue_number", "detail", "amount")
+_PG_EVENT_VARIANTS = 5  # claim statements prepared for 0-4 events (a message notes one card)
 _EVENT_INTO = "INSERT INTO event (" + ", ".join(_EVENT_COLUMNS) + ")"
 _STATEMENTS["event"] = (_EVENT_INTO + " VALUES (:at, :kind, :openid,"
                         " CAST(:issue_number AS INTEGER), :detail, CAST(:amount AS BIGINT))")
@@ -96,9 +97,6 @@ class NoticeTaken(Exception):
     """Another message of the same reader recorded the new-issue notice first."""
 
 
-_PG_EVENT_VARIANTS = 5
-
-
 @dataclass(frozen=True)
 class _Dialect:
     sql: dict[str, str]
@@ -108,7 +106,6 @@ class _Dialect:
 def _dialect(engine: Engine) -> _Dialect:
     if engine.dialect.name == "postgresql":  # psycopg: %(name)s
         sql = {k: _NAMED.sub(r"%(\1)s", v) for k, v in _STATEMENTS.items()}
-        # A message notes at most a card or two: the CTE statements for up to four events.
         for count in range(_PG_EVENT_VARIANTS):
             sql[f"sealed_claim/{count}"] = _pg_sealed_claim(count)
             sql[f"claim/{count}"] = _pg_claim_with_events(count)

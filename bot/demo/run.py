@@ -405,6 +405,13 @@ def _panel(settings: Settings, config: Path, workdir: Path, webhook: str,
     text.append(f"  newsbot --config {config} broadcast 2\n")
     text.append(f"  newsbot --config {config} broadcast status\n")
     text.append("Pushed messages and previews show up here in the chat.\n\n")
+    text.append("The operators' console (a web page; the link opens once, for 15 minutes):\n",
+                style="bold")
+    text.append(f"  /user {OPERATOR}  then  #console   (or: newsbot --config {config} "
+                f"console-link {OPERATOR})\n")
+    text.append("  Text no command takes (e.g. 你们的发票怎么开？) lands in its 留言 inbox.\n\n")
+    text.append(f"How it sells:    newsbot --config {config} stats\n")
+    text.append(f"Messages:        newsbot --config {config} inbox   (answer: reply OPENID TEXT)\n")
     text.append(f"Other commands:  newsbot --config {config} user list\n")
     text.append(f"What was sold:   newsbot --config {config} revenue\n")
     text.append(f"Chat from another terminal:  newsbot --config {config} chat\n")
