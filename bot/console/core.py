@@ -386,7 +386,9 @@ class Console:
         return ("<!doctype html><html lang=zh-CN><head><meta charset=utf-8>"
                 '<meta name=viewport content="width=device-width, initial-scale=1">'
                 f"<title>{esc(title)} · {publication} 后台</title>"
-                f'<link rel=stylesheet href="{PREFIX}/console.css"></head>'
+                f'<link rel=stylesheet href="{PREFIX}/console.css">'
+                # No icon: the browser would otherwise ask for /favicon.ico (a 404) every time.
+                '<link rel=icon href="data:,"></head>'
                 f"<body>{body}</body></html>")
 
     def layout(self, req: ConsoleRequest, *, title: str, body: str, active: str) -> str:
