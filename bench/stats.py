@@ -322,7 +322,8 @@ def run_backend(backend: str, url: str, data: Data, workdir: Path, n_issues: int
         if sum(w["topup_tokens"] for w in doc["weeks"]) != data.topups:
             problems.append("CLI top-ups differ")
     return Run(backend + (" + funnel index" if funnel_index else ""), len(data.events), load_s,
-               times, cpus, rollup_s, rollup_cpu_s, tail_s, cli_s, startup_s, since_s, issue_s, problems)
+               times, cpus, rollup_s, rollup_cpu_s, tail_s, cli_s, startup_s, since_s, issue_s,
+               problems)
 
 
 def main(argv: list[str] | None = None) -> int:

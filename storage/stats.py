@@ -411,7 +411,7 @@ def _issues(session: Session, only: int | None, since: datetime | None,
             refunds: list[_Refund], sql: _Sql, mark: _Mark) -> list[IssueStats]:
     e, ir = _EVENT.c, _ISSUE_READER.c
     conn = session.connection()
-    funnel = [e.kind.in_(_FUNNEL), e.issue_number.is_not(None)]
+    funnel: list[ColumnElement[bool]] = [e.kind.in_(_FUNNEL), e.issue_number.is_not(None)]
     if only is not None:
         funnel.append(e.issue_number == only)
     counts: dict[int, dict[str, int]] = {}

@@ -23,8 +23,7 @@ from storage.models import (
     StatsRollup,
     WeekReader,
 )
-from tests.test_stats import ISSUES, NOW, Mix, computed, expected, generate, monday, \
-    roll_up, store
+from tests.test_stats import ISSUES, NOW, Mix, computed, expected, generate, monday, roll_up, store
 from tests.test_webhook import add_issue
 
 _EVENT = Event.__table__  # type: ignore[attr-defined]
