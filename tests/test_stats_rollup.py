@@ -14,6 +14,8 @@ from typing import Any
 from sqlalchemy import Engine, delete, func, insert, select, text, update
 from sqlmodel import Session
 
+from bot.jobs.scheduler import STATS_ROLLUP_JOB_ID, WeeklyScheduler
+from bot.settings import Settings
 from storage import events, stats
 from storage.db import read_only, transaction
 from storage.models import (
@@ -196,3 +198,16 @@ def test_the_rare_kinds_queries_use_the_partial_index(engine: Engine) -> None:
             # why the queries repeat the predicate.
             plan = _plan(s, select(func.count()).where(e.kind == events.FOLLOW))
             assert "ix_event_rare_kind_at" not in plan, plan
+
+
+def test_the_scheduler_rolls_up_every_minute(settings: Settings, engine: Engine) -> None:
+    sched = WeeklyScheduler(settings, engine, lambda: None)  # type: ignore[arg-type,return-value]
+    job = sched.scheduler.get_job(STATS_ROLLUP_JOB_ID)
+    assert job is not None and job.trigger.interval == timedelta(minutes=1)
+    with transaction(engine) as s:
+        events.record(s, events.CARD, openid="o_sched", issue_number=4)
+    sched.run_stats_rollup()
+    assert _pairs(engine)[0] == {(4, events.CARD, "o_sched")}
+    with transaction(engine) as s:
+        [zone] = s.connection().execute(select(_STATE.c.timezone)).scalars().all()
+    assert zone == settings.broadcast.timezone
