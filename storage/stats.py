@@ -278,8 +278,9 @@ def _rare() -> ColumnElement[bool]:
 def _paying() -> ColumnElement[bool]:
     e = _EVENT.c
     # The IN first: an index range of the three kinds (the OR alone reads every rare row).
-    return and_(e.kind.in_((*_SPEND, events.TOPUP)), or_(and_(e.kind.in_(_SPEND), e.amount > 0),
-               and_(e.kind == events.TOPUP, e.detail == "pay")))
+    return and_(e.kind.in_((*_SPEND, events.TOPUP)),
+                or_(and_(e.kind.in_(_SPEND), e.amount > 0),
+                    and_(e.kind == events.TOPUP, e.detail == "pay")))
 
 
 def compute(session: Session, *, issue: int | None = None, since: datetime | None = None,
