@@ -16,6 +16,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
+from sqlalchemy import text as sql_text
 from sqlmodel import Field, SQLModel
 
 
@@ -432,6 +433,12 @@ class PayRefund(SQLModel, table=True):
 _BIG_ID = BigInteger().with_variant(Integer(), "sqlite")
 
 
+# The kinds ix_event_rare_kind_at covers: storage.events.KINDS less card, excerpt and full
+# (tests/test_stats.py checks the two agree). A literal, for the index and the queries alike.
+EVENT_RARE_KINDS = ("code", "follow", "inbox", "pass", "scan", "topup", "unfollow", "unlock")
+EVENT_RARE_KINDS_SQL = "kind IN ({})".format(", ".join(f"'{k}'" for k in EVENT_RARE_KINDS))
+
+
 class Event(SQLModel, table=True):
     """One thing a subscriber did, for ``newsbot stats`` and the console: a narrow row written
     by the path that did it (same transaction, or on the webhook's fast path the same
@@ -442,7 +449,15 @@ class Event(SQLModel, table=True):
     kind); ``amount`` is the tokens involved, when any."""
 
     __tablename__ = "event"
-    __table_args__ = (Index("ix_event_at", "at"),)
+    __table_args__ = (
+        Index("ix_event_at", "at"),
+        # Every kind but the bulk (card, excerpt, full: the webhook's fast path writes cards),
+        # for the stats' weekly figures and scenes; those rows pay nothing for it. Queries must
+        # repeat this exact predicate (storage.stats._rare()) for SQLite to use it.
+        Index("ix_event_rare_kind_at", "kind", "at",
+              sqlite_where=sql_text(EVENT_RARE_KINDS_SQL),
+              postgresql_where=sql_text(EVENT_RARE_KINDS_SQL)),
+    )
 
     id: int | None = Field(default=None, sa_column=Column(_BIG_ID, primary_key=True))
     at: datetime = Field(sa_column=_ts())
@@ -546,3 +561,35 @@ class OperatorAction(SQLModel, table=True):
     target: str = Field(default="", max_length=128)
     result: str = Field(max_length=16)  # ok | refused | error
     detail: str = Field(default="", sa_column=Column(Text, nullable=False))
+
+
+class IssueReader(SQLModel, table=True):
+    """A distinct (issue, funnel kind, reader) seen in ``event``, folded in by
+    storage.stats.roll_up so the funnel's distinct counts are COUNT(*) here plus the tail."""
+
+    __tablename__ = "issue_reader"
+
+    issue_number: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    kind: str = Field(primary_key=True, max_length=12)
+    openid: str = Field(primary_key=True, max_length=64)
+
+
+class WeekReader(SQLModel, table=True):
+    """A distinct (week, reader) with any event; ``week`` counts weeks from Monday 1970-01-05
+    in ``stats_rollup.timezone`` (storage.stats). Rebuilt when that timezone changes."""
+
+    __tablename__ = "week_reader"
+
+    week: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    openid: str = Field(primary_key=True, max_length=64)
+
+
+class StatsRollup(SQLModel, table=True):
+    """How far storage.stats.roll_up has folded ``event`` into issue_reader and week_reader."""
+
+    __tablename__ = "stats_rollup"
+
+    name: str = Field(primary_key=True, max_length=16)
+    last_event_id: int = Field(default=0, sa_type=BigInteger)
+    timezone: str = Field(max_length=64)
+    updated_at: datetime = Field(default_factory=utcnow, sa_column=_ts())

@@ -18,6 +18,15 @@ rows. Definitions (README "Stats" says the same):
 - A scene's follows and scans are the distinct subscribers whose follow or scan event carried
   it; its payers and revenue those of the subscribers it brought first (``Subscriber.scene``).
 - ``since`` limits the events counted; tokens outstanding and the subscriber counts are now.
+
+Speed: the distinct counts over all time (the funnel, active readers per week) would sort the
+whole table. ``roll_up`` (the scheduler's ``stats-rollup`` job every minute, and ``newsbot
+stats`` before it computes) folds events into the distinct pairs ``issue_reader`` and
+``week_reader`` up to a watermark; ``compute`` without ``since`` counts those rows plus the
+events past the watermark that are not in them, so it is exact whether or not roll_up ran and
+stays read-only. With ``since`` the funnel and active readers are counted from the events of
+the window (a range of ``ix_event_at``). Every other figure reads only the rarer kinds, through
+the partial index ``ix_event_rare_kind_at`` (card views, excerpt and full opens are not in it).
 """
 
 from __future__ import annotations
@@ -36,26 +45,52 @@ from sqlalchemy import (
     case,
     cast,
     distinct,
+    exists,
     func,
     literal,
+    literal_column,
     or_,
     true,
+    update,
 )
+from sqlalchemy import delete as sa_delete
 from sqlalchemy import select as sa_select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import aliased
 from sqlmodel import Session
 
 from storage import events
-from storage.models import Event, Issue, LedgerEntry, QrCode, Subscriber, utcnow
+from storage.models import (
+    EVENT_RARE_KINDS,
+    Event,
+    Issue,
+    IssueReader,
+    LedgerEntry,
+    QrCode,
+    StatsRollup,
+    Subscriber,
+    WeekReader,
+    utcnow,
+)
 
 _EVENT: Table = Event.__table__  # type: ignore[attr-defined]
 _ENTRY: Table = LedgerEntry.__table__  # type: ignore[attr-defined]
 _SUB: Table = Subscriber.__table__  # type: ignore[attr-defined]
 _ISSUE: Table = Issue.__table__  # type: ignore[attr-defined]
 _QR: Table = QrCode.__table__  # type: ignore[attr-defined]
+_ISSUE_READER: Table = IssueReader.__table__  # type: ignore[attr-defined]
+_WEEK_READER: Table = WeekReader.__table__  # type: ignore[attr-defined]
+_ROLLUP: Table = StatsRollup.__table__  # type: ignore[attr-defined]
+_ROLLUP_NAME = "stats"
+# Event ids below the watermark re-read by every roll_up (and, on PostgreSQL, by compute's
+# tail): PostgreSQL hands out ids at INSERT but they become visible at COMMIT, so a row with a
+# smaller id than one already folded may appear later. The pair tables are idempotent, so
+# reading an id twice is harmless; 50,000 ids is minutes of a busy account's events.
+RESCAN = 50_000
 
 _FUNNEL = (events.CARD, events.EXCERPT, events.UNLOCK, events.FULL)
 _SPEND = (events.UNLOCK, events.PASS)
+_WEEKLY = (events.FOLLOW, events.UNFOLLOW, *_SPEND, events.TOPUP)  # the kinds _weeks sums
 _WEEK_SECONDS = 7 * 86400
 _MONDAY_EPOCH = 4 * 86400  # 1970-01-05, a Monday: SQLite's week numbers count from it
 _MONDAY_ZERO = date(1970, 1, 5)
@@ -180,6 +215,13 @@ class _Sql:
         # Integer division truncates; every instant is after the epoch Monday, so it floors.
         return (seconds + offset - _MONDAY_EPOCH).self_group().op("/")(literal(_WEEK_SECONDS))
 
+    def week_no(self, at: Any) -> ColumnElement[Any]:
+        """The week as an integer, weeks since Monday 1970-01-05 (week_reader's key)."""
+        if self.postgres:
+            return (self.of(at).op("-")(literal_column("DATE '1970-01-05'"))
+                    .self_group().op("/")(literal_column("7")))
+        return self.of(at)
+
     def readers(self, openid: Any) -> ColumnElement[Any]:
         """COUNT(DISTINCT openid). On PostgreSQL compared bytewise (openids are ASCII): the
         sort behind it costs a fifth less than under the database's collation."""
@@ -227,10 +269,18 @@ def _window(since: datetime | None, column: Any) -> ColumnElement[bool]:
     return true() if since is None else column >= since
 
 
+def _rare() -> ColumnElement[bool]:
+    """storage.models.EVENT_RARE_KINDS_SQL as a query term, with the kinds as literals in the
+    same order: SQLite uses a partial index only when its WHERE terms appear in the query's."""
+    return _EVENT.c.kind.in_([literal_column(f"'{k}'") for k in EVENT_RARE_KINDS])
+
+
 def _paying() -> ColumnElement[bool]:
     e = _EVENT.c
-    return or_(and_(e.kind.in_(_SPEND), e.amount > 0),
-               and_(e.kind == events.TOPUP, e.detail == "pay"))
+    # The IN first: an index range of the three kinds (the OR alone reads every rare row).
+    return and_(e.kind.in_((*_SPEND, events.TOPUP)),
+                or_(and_(e.kind.in_(_SPEND), e.amount > 0),
+                    and_(e.kind == events.TOPUP, e.detail == "pay")))
 
 
 def compute(session: Session, *, issue: int | None = None, since: datetime | None = None,
@@ -243,22 +293,97 @@ def compute(session: Session, *, issue: int | None = None, since: datetime | Non
     zone = ZoneInfo(timezone)
     now = now or utcnow()
     conn = session.connection()
-    # Two statements: SQLite answers a lone min() or max() from the index, not both at once.
-    lo = conn.execute(sa_select(func.min(_EVENT.c.at))).scalar()
-    hi = conn.execute(sa_select(func.max(_EVENT.c.at))).scalar()
-    sql = _Sql(session, zone, min(x for x in (lo, since, now) if x is not None),
-               max(x for x in (hi, now) if x is not None))
+    sql = _span(session, zone, since, now)
     refunds = _refunds(session, since, sql)
+    mark = _mark(session, sql, zone.key)
     balance, subscribers, followers = conn.execute(sa_select(
         func.coalesce(func.sum(_SUB.c.balance), 0), func.count(),
         func.count().filter(_SUB.c.subscribed.is_(True)))).one()
     return Stats(
-        issues=_issues(session, issue, since, refunds, sql),
-        weeks=_weeks(session, since, now, sql, refunds),
+        issues=_issues(session, issue, since, refunds, sql, mark),
+        weeks=_weeks(session, since, now, sql, refunds, mark),
         scenes=_scenes(session, since, refunds, sql),
         tokens_outstanding=int(balance), subscribers=int(subscribers),
         followers=int(followers or 0), since=since, timezone=zone.key,
     )
+
+
+@dataclass(frozen=True)
+class _Mark:
+    """Where the events not yet in the pair tables start (id > it); None: count the events."""
+
+    funnel_from: int | None
+    weeks_from: int | None  # None also when week_reader's weeks are of another timezone
+
+
+def _mark(session: Session, sql: _Sql, timezone: str) -> _Mark:
+    r = _ROLLUP.c
+    state = session.connection().execute(
+        sa_select(r.last_event_id, r.timezone).where(r.name == _ROLLUP_NAME)).first()
+    if state is None:
+        return _Mark(None, None)
+    # PostgreSQL: ids below the watermark may still come (see RESCAN); count them too.
+    tail = max(0, int(state[0]) - RESCAN) if sql.postgres else int(state[0])
+    return _Mark(tail, tail if state[1] == timezone else None)
+
+
+def _span(session: Session, zone: ZoneInfo, *also: datetime | None) -> _Sql:
+    conn = session.connection()
+    # Two statements: SQLite answers a lone min() or max() from the index, not both at once.
+    lo = conn.execute(sa_select(func.min(_EVENT.c.at))).scalar()
+    hi = conn.execute(sa_select(func.max(_EVENT.c.at))).scalar()
+    return _Sql(session, zone, min(x for x in (lo, *also) if x is not None),
+                max(x for x in (hi, *also[-1:]) if x is not None))
+
+
+def roll_up(session: Session, *, timezone: str, batch: int = 50_000) -> int:
+    """Fold the events past the watermark into issue_reader and week_reader and advance it;
+    returns the pairs added. Idempotent: pairs are inserted ON CONFLICT DO NOTHING, so running
+    it twice, or over ranges that overlap, changes no count. Each run starts RESCAN ids before
+    the watermark (PostgreSQL's late commits). Concurrent runs: the first to move the
+    watermark (a conditional UPDATE, which holds the row until it commits) does the work; the
+    others find it moved and return 0. A new ``timezone`` empties week_reader and starts over
+    from the first event (the funnel's pairs have no timezone, re-reading them is harmless)."""
+    # rowcount of INSERT … SELECT: SQLAlchemy keeps it only when asked to (psycopg).
+    conn = session.connection().execution_options(preserve_rowcount=True)
+    r = _ROLLUP.c
+    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    state_q = sa_select(r.last_event_id, r.timezone).where(r.name == _ROLLUP_NAME)
+    state = conn.execute(state_q).first()
+    if state is None:
+        conn.execute(insert(_ROLLUP).values(name=_ROLLUP_NAME, last_event_id=0,
+                                            timezone=timezone, updated_at=utcnow())
+                     .on_conflict_do_nothing())
+        state = conn.execute(state_q).one()
+    old, zone_was = int(state[0]), str(state[1])
+    top = int(conn.execute(sa_select(func.max(_EVENT.c.id))).scalar() or 0)
+    if top <= old and zone_was == timezone:
+        return 0  # nothing new (a late commit below it is read by the next run's rescan)
+    moved = conn.execute(update(_ROLLUP).where(r.name == _ROLLUP_NAME, r.last_event_id == old,
+                                               r.timezone == zone_was)
+                         .values(last_event_id=max(top, old), timezone=timezone,
+                                 updated_at=utcnow())).rowcount
+    if moved == 0:
+        return 0  # another run moved it meanwhile: it has folded these events
+    start = max(0, old - RESCAN)
+    if zone_was != timezone:
+        conn.execute(sa_delete(_WEEK_READER))
+        start = 0
+    e = _EVENT.c
+    sql = _span(session, ZoneInfo(timezone), utcnow())
+    added = 0
+    for lo in range(start, top, batch):
+        span = (e.id > lo, e.id <= min(lo + batch, top))
+        # SQLite: the WHERE also settles its parser's ON (join) / ON CONFLICT ambiguity.
+        added += conn.execute(insert(_ISSUE_READER).from_select(
+            ["issue_number", "kind", "openid"],
+            sa_select(e.issue_number, e.kind, e.openid).distinct()
+            .where(*span, e.kind.in_(_FUNNEL), e.issue_number.is_not(None)))
+            .on_conflict_do_nothing()).rowcount
+        added += conn.execute(insert(_WEEK_READER).from_select(
+            ["week", "openid"], sa_select(sql.week_no(e.at), e.openid).distinct().where(*span))
+            .on_conflict_do_nothing()).rowcount
+    return added
 
 
 @dataclass(frozen=True)
@@ -286,19 +411,34 @@ def _refunds(session: Session, since: datetime | None, sql: _Sql) -> list[_Refun
 
 
 def _issues(session: Session, only: int | None, since: datetime | None,
-            refunds: list[_Refund], sql: _Sql) -> list[IssueStats]:
-    e = _EVENT.c
-    where = [e.kind.in_(_FUNNEL), e.issue_number.is_not(None), _window(since, e.at)]
+            refunds: list[_Refund], sql: _Sql, mark: _Mark) -> list[IssueStats]:
+    e, ir = _EVENT.c, _ISSUE_READER.c
+    conn = session.connection()
+    funnel: list[ColumnElement[bool]] = [e.kind.in_(_FUNNEL), e.issue_number.is_not(None)]
     if only is not None:
-        where.append(e.issue_number == only)
+        funnel.append(e.issue_number == only)
     counts: dict[int, dict[str, int]] = {}
-    paid: dict[int, int] = {}
-    for number, kind, readers, tokens in session.connection().execute(
-            sa_select(e.issue_number, e.kind, sql.readers(e.openid), func.sum(e.amount))
-            .where(*where).group_by(e.issue_number, e.kind)).all():
-        counts.setdefault(int(number), {})[kind] = int(readers)
-        if kind == events.UNLOCK:
-            paid[int(number)] = int(tokens or 0)
+
+    def add(query: Any) -> None:
+        for number, kind, readers in conn.execute(query).all():
+            line = counts.setdefault(int(number), {})
+            line[kind] = line.get(kind, 0) + int(readers)
+
+    if since is not None or mark.funnel_from is None:
+        add(sa_select(e.issue_number, e.kind, sql.readers(e.openid))
+            .where(*funnel, _window(since, e.at)).group_by(e.issue_number, e.kind))
+    else:  # the pairs folded, plus the tail's readers not among them
+        add(sa_select(ir.issue_number, ir.kind, func.count())
+            .where(true() if only is None else ir.issue_number == only)
+            .group_by(ir.issue_number, ir.kind))
+        known = exists().where(ir.issue_number == e.issue_number, ir.kind == e.kind,
+                               ir.openid == e.openid)
+        add(sa_select(e.issue_number, e.kind, sql.readers(e.openid))
+            .where(e.id > mark.funnel_from, *funnel, ~known).group_by(e.issue_number, e.kind))
+    paid = {int(n): int(t or 0) for n, t in conn.execute(
+        sa_select(e.issue_number, func.sum(e.amount))
+        .where(_rare(), e.kind == events.UNLOCK, *funnel[1:], _window(since, e.at))
+        .group_by(e.issue_number)).all()}
     for r in refunds:
         if r.issue_number is not None and (only is None or r.issue_number == only):
             paid[r.issue_number] = paid.get(r.issue_number, 0) - r.tokens
@@ -317,24 +457,36 @@ def _issues(session: Session, only: int | None, since: datetime | None,
 
 
 def _weeks(session: Session, since: datetime | None, now: datetime, sql: _Sql,
-           refunds: list[_Refund]) -> list[WeekStats]:
-    e = _EVENT.c
+           refunds: list[_Refund], mark: _Mark) -> list[WeekStats]:
+    e, wr = _EVENT.c, _WEEK_READER.c
     conn = session.connection()
     week = sql.of(e.at)
     rows: dict[date, list[int]] = {}
-    for w, active, follows, unfollows, spent, topups in conn.execute(
-            sa_select(week, sql.readers(e.openid),
-                      sql.readers(case((e.kind == events.FOLLOW, e.openid))),
+    for w, follows, unfollows, spent, topups in conn.execute(
+            sa_select(week, sql.readers(case((e.kind == events.FOLLOW, e.openid))),
                       sql.readers(case((e.kind == events.UNFOLLOW, e.openid))),
                       func.sum(case((e.kind.in_(_SPEND), e.amount), else_=0)),
                       func.sum(case((e.kind == events.TOPUP, e.amount), else_=0)))
-            .where(_window(since, e.at)).group_by(week)).all():
-        rows[sql.monday(w)] = [int(active), int(follows), int(unfollows), int(spent or 0),
-                                 int(topups or 0), 0, 0]
+            .where(_rare(), e.kind.in_(_WEEKLY), _window(since, e.at)).group_by(week)).all():
+        rows[sql.monday(w)] = [0, int(follows), int(unfollows), int(spent or 0),
+                               int(topups or 0), 0, 0]
+    # Active readers: any event, so every kind: from week_reader when it can serve.
+    if since is not None or mark.weeks_from is None:
+        actives = [conn.execute(sa_select(week, sql.readers(e.openid))
+                                .where(_window(since, e.at)).group_by(week)).all()]
+    else:
+        key = sql.week_no(e.at)
+        known = exists().where(wr.week == key, wr.openid == e.openid)
+        actives = [conn.execute(sa_select(wr.week, func.count()).group_by(wr.week)).all(),
+                   conn.execute(sa_select(key, sql.readers(e.openid))
+                                .where(e.id > mark.weeks_from, ~known).group_by(key)).all()]
+    for found in actives:
+        for w, active in found:
+            rows.setdefault(sql.monday(w), [0] * 7)[0] += int(active)
     # Payers: each subscriber's paying weeks over all time, their first one beside each.
     per_week = (sa_select(e.openid.label("openid"), week.label("week"),
                           func.max(e.at).label("last_at"))
-                .where(_paying()).group_by(e.openid, week).subquery())
+                .where(_rare(), _paying()).group_by(e.openid, week).subquery())
     ranked = sa_select(per_week.c.week, per_week.c.last_at,
                        func.min(per_week.c.week).over(partition_by=per_week.c.openid)
                        .label("first")).subquery()
@@ -373,7 +525,7 @@ def _scenes(session: Session, since: datetime | None, refunds: list[_Refund],
     touched: dict[str, dict[str, int]] = {}
     for kind, scene, readers in conn.execute(
             sa_select(e.kind, e.detail, sql.readers(e.openid))
-            .where(e.kind.in_((events.FOLLOW, events.SCAN)), e.detail.is_not(None),
+            .where(_rare(), e.kind.in_((events.FOLLOW, events.SCAN)), e.detail.is_not(None),
                    _window(since, e.at)).group_by(e.kind, e.detail)).all():
         touched.setdefault(str(scene), {})[kind] = int(readers)
     paid: dict[str, tuple[int, int]] = {}
@@ -381,7 +533,7 @@ def _scenes(session: Session, since: datetime | None, refunds: list[_Refund],
             sa_select(_SUB.c.scene, sql.readers(e.openid),
                       func.sum(case((e.kind.in_(_SPEND), e.amount), else_=0)))
             .select_from(_EVENT.join(_SUB, _SUB.c.openid == e.openid))
-            .where(_paying(), _SUB.c.scene.is_not(None), _window(since, e.at))
+            .where(_rare(), _paying(), _SUB.c.scene.is_not(None), _window(since, e.at))
             .group_by(_SUB.c.scene)).all():
         paid[str(scene)] = (int(payers), int(spent or 0))
     brought = {str(s): int(n) for s, n in conn.execute(

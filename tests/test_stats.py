@@ -99,12 +99,25 @@ def generate(seed: int = 7, readers: int = 30) -> Mix:
     return mix
 
 
-def store(engine: Engine, mix: Mix) -> None:
+def roll_up(engine: Engine, timezone: str = "Asia/Shanghai", **kw: Any) -> int:
+    with transaction(engine) as s:
+        return stats.roll_up(s, timezone=timezone, **kw)
+
+
+def store(engine: Engine, mix: Mix, rolled: str = "never") -> None:
+    """Insert the mix; ``rolled``: roll_up never, after half of the events, or after all."""
+    half = len(mix.rows) // 2
     with transaction(engine) as s:
         for openid, (bal, scene, following) in mix.subs.items():
             s.add(Subscriber(openid=openid, balance=bal, scene=scene, subscribed=following))
         s.flush()
-        events.record_many(s, mix.rows)
+        events.record_many(s, mix.rows[:half])
+    if rolled == "half":
+        assert roll_up(engine) > 0
+    with transaction(engine) as s:
+        events.record_many(s, mix.rows[half:])
+    if rolled == "all":
+        assert roll_up(engine) > 0
 
 
 # --------------------------------------------------------------------------- the expectation
@@ -192,12 +205,20 @@ def expected(mix: Mix, *, since: datetime | None = None, issue: int | None = Non
 # --------------------------------------------------------------------------- fixtures
 
 
+ROLLED = ["never", "half", "all"]  # when storage.stats.roll_up ran: results must not differ
+
+
+@pytest.fixture(params=ROLLED)
+def rolled(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-def mix(engine: Engine) -> Mix:
+def mix(engine: Engine, rolled: str) -> Mix:
     for n in ISSUES:
         add_issue(engine, n)
     m = generate()
-    store(engine, m)
+    store(engine, m, rolled)
     return m
 
 
@@ -236,12 +257,13 @@ def test_every_figure_equals_the_tests_own_count(engine: Engine, mix: Mix) -> No
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_other_seeds(engine: Engine, seed: int) -> None:
+def test_other_seeds(engine: Engine, seed: int, rolled: str) -> None:
     for n in ISSUES:
         add_issue(engine, n)
     m = generate(seed, readers=12)
-    store(engine, m)
+    store(engine, m, rolled)
     assert computed(engine) == expected(m)
+    assert computed(engine, issue=2) == expected(m, issue=2)
 
 
 def test_cli_json_is_compute(engine: Engine, mix: Mix, config: Path) -> None:

@@ -52,11 +52,17 @@ def stats_report(
     settings = _settings(ctx, config)
     zone = _zone(settings)
     start = _since(since, zone)
-    with _database(settings) as engine, transaction(engine) as session:
-        if issue is not None and not stats_store.known_issue(session, issue):
-            _fail(f"--issue {issue}: there is no issue #{issue}; `newsbot issue list` shows "
-                  "the issues", 2)
-        result = stats_store.compute(session, issue=issue, since=start, timezone=zone.key)
+    with _database(settings) as engine:
+        with transaction(engine) as session:
+            if issue is not None and not stats_store.known_issue(session, issue):
+                _fail(f"--issue {issue}: there is no issue #{issue}; `newsbot issue list` "
+                      "shows the issues", 2)
+        # Fold the events since the scheduler's last minutely run (never far behind), then
+        # read: compute counts the pairs plus whatever came in between.
+        with transaction(engine) as session:
+            stats_store.roll_up(session, timezone=zone.key)
+        with transaction(engine) as session:
+            result = stats_store.compute(session, issue=issue, since=start, timezone=zone.key)
     if as_json:
         _dump(result.to_json())
         return

@@ -29,6 +29,8 @@ from bot.jobs.weekly import run_weekly_job
 from bot.settings import Settings, cron_fields
 from bot.wechat.api import WeChatClient
 from bot.wechat.reply import CustomSender
+from storage import stats
+from storage.db import transaction
 from storage.models import utcnow
 
 log = logging.getLogger("newsbot.scheduler")
@@ -39,6 +41,8 @@ PAY_SYNC_EVERY_S = 60
 INBOX_NOTICE_JOB_ID = "inbox-notice"
 INBOX_NOTICE_EVERY_S = 60  # how often it looks; the notice itself waits notify_every_minutes
 PURGE_JOB_ID = "purge"
+STATS_ROLLUP_JOB_ID = "stats-rollup"
+STATS_ROLLUP_EVERY_S = 60
 
 
 def weekly_trigger(settings: Settings) -> CronTrigger:
@@ -93,6 +97,11 @@ class WeeklyScheduler:
                                minutes=settings.retention.purge_every_minutes,
                                id=PURGE_JOB_ID, coalesce=True, max_instances=1)
 
+        # Stats: fold new events into the distinct-reader pairs (storage.stats.roll_up), so
+        # `newsbot stats` and the console's dashboard count pairs, not a million events.
+        self.scheduler.add_job(self.run_stats_rollup, "interval", seconds=STATS_ROLLUP_EVERY_S,
+                               id=STATS_ROLLUP_JOB_ID, coalesce=True, max_instances=1)
+
     def _on_error(self, event: JobExecutionEvent) -> None:
         log.error("scheduled job %s raised %r", event.job_id, event.exception)
 
@@ -118,6 +127,14 @@ class WeeklyScheduler:
             self.pay_sync.run()
         except Exception:  # logged; the next minute tries again
             log.exception("pay sync job failed")
+
+    def run_stats_rollup(self) -> None:
+        try:
+            with transaction(self.engine) as session:
+                added = stats.roll_up(session, timezone=self.settings.broadcast.timezone)
+            log.debug("stats rollup: %d new pairs", added)
+        except Exception:  # logged; the next minute tries again
+            log.exception("stats rollup job failed")
 
     def run_inbox_notice(self) -> None:
         if self.inbox_notice is None:

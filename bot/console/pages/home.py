@@ -12,6 +12,7 @@ the last view but one; a small one's is always computed afresh."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time as clock
@@ -116,8 +117,13 @@ class Figures:
 
 def install(console: Console) -> None:
     def compute(since: datetime, zone: str, now: datetime) -> Stats:
+        # All time, so the funnel is each issue's whole life and the counts come from the
+        # rolled-up pairs (storage.stats.roll_up) rather than from every event of the window;
+        # the weekly rows are exact per week, and only the asked-for weeks are kept.
         with read_only(console.engine) as session:
-            return stats.compute(session, since=since, timezone=zone, now=now)
+            found = stats.compute(session, timezone=zone, now=now)
+        first = since.astimezone(ZoneInfo(zone)).date()
+        return dataclasses.replace(found, weeks=[w for w in found.weeks if w.monday >= first])
 
     figures = Figures(compute)
 
@@ -158,8 +164,9 @@ def render(figures: Stats, *, unit: str, weeks: int, since: str,
     if unread is not None:
         cards.append(_card("未读留言", unread, f"{PREFIX}/inbox"))
     html = ['<section class="cards" aria-label="总数">', *cards, "</section>",
-            f'<p class="muted">统计自 {esc(since)} 起（近 {weeks} 周，{esc(figures.timezone)}）；'
-            "看到、打开、解锁按人数计。"
+            f'<p class="muted">每周数字自 {esc(since)} 起'
+            f"（近 {weeks} 周，{esc(figures.timezone)}）；"
+            "各期转化为该期发布以来的全部数字；看到、打开、解锁按人数计。"
             f'<a href="?weeks=4">4 周</a> · <a href="?weeks=12">12 周</a> · '
             '<a href="?weeks=52">52 周</a></p>',
             '<div class="grid two dashboard">',
