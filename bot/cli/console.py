@@ -4,8 +4,7 @@ gives in the chat) and `newsbot audit` (what was done in the console: storage.co
 from __future__ import annotations
 
 import time
-from datetime import UTC, date, datetime
-from datetime import time as day_start
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
@@ -23,6 +22,7 @@ from bot.cli.base import (
     _iso,
     _local,
     _settings,
+    _since,
     _when,
     _zone,
     app,
@@ -86,12 +86,7 @@ def audit(
         _fail(f"--limit must be between 1 and {MAX_LIMIT}, got {limit}", 2)
     settings = _settings(ctx, config)
     zone = _zone(settings)
-    start = None
-    if since is not None:
-        try:
-            start = datetime.combine(date.fromisoformat(since.strip()), day_start(0), zone)
-        except ValueError:
-            _fail(f"--since must be a date like 2026-12-01, got {since!r}", 2)
+    start = _since(since, zone)
     with _database(settings) as engine, read_only(engine) as session:
         # Plain dicts: the rows expire when the read-only session ends.
         actions: list[dict[str, Any]] = [
